@@ -1,0 +1,438 @@
+"""``EdgeClient``: the SDK's public face for device apps.
+
+One round is: make sure the device holds the current global version (pull it in chunks when not),
+train the strategy's tensors on local data, encode the delta, keep it in the on-disk outbox, send it
+in chunks, and wait for the hub's receipt. Local data never leaves the device; only the trainable
+tensors' deltas do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ffm_edge.data import LabeledData
+from ffm_edge.errors import ConfigError, DecodeError, RejectedUpdateError, TransportError
+from ffm_edge.outbox import Outbox
+from ffm_edge.spec import ModelSpec, load_model_spec
+from ffm_edge.trainer import TorchTrainer, TrainReport
+from ffm_edge.transport import Transport
+from ffm_edge.wire import (
+    CODECS,
+    ChunkAssembler,
+    Heartbeat,
+    Hello,
+    Manifest,
+    PullError,
+    PullRequest,
+    Receipt,
+    Rejection,
+    Topics,
+    UpdateMeta,
+    decode_global,
+    decode_message,
+    encode_message,
+    encode_update,
+    split_frame,
+    validate_id,
+)
+
+__all__ = ["EdgeClient", "ProgressEvent", "RoundResult"]
+
+log = logging.getLogger("ffm.edge")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of long work, for an app's UI: ``stage`` is pull | train | upload | wait."""
+
+    stage: str
+    done: int
+    total: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one federated round did on this device."""
+
+    round: int
+    base_version: int
+    update_id: str
+    num_samples: int
+    train: TrainReport
+    bytes_up: int
+    bytes_down: int
+    queue_length: int
+    seconds: float
+
+
+class EdgeClient:
+    """Takes part in a federation with a model and local data.
+
+    >>> client = EdgeClient("minilm-l6-v2", my_data, device_id="phone-42", broker="mqtt://hub:1883")
+    >>> with client:
+    ...     client.run_forever(rounds=10)
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec | str,
+        local_data: LabeledData,
+        *,
+        device_id: str,
+        federation: str = "default",
+        broker: str | None = None,
+        strategy: str = "lora",
+        codec: str = "int8",
+        local_epochs: int = 1,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        state_dir: str | Path | None = None,
+        transport: Transport | None = None,
+        chunk_size: int = 64 * 1024,
+        receipt_timeout: float = 60.0,
+        pull_timeout: float = 120.0,
+        version_timeout: float = 600.0,
+        max_send_attempts: int = 5,
+        wait_for_new_version: bool = True,
+        heartbeat_interval: float = 30.0,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+        on_round: Callable[[RoundResult], None] | None = None,
+        discovery_timeout: float = 10.0,
+    ) -> None:
+        try:
+            validate_id(device_id, "device id")
+            validate_id(federation, "federation")
+        except DecodeError as exc:
+            raise ConfigError(str(exc)) from exc
+        if codec not in CODECS:
+            raise ConfigError(f"codec must be one of {CODECS}, got {codec!r}")
+        if local_epochs < 1:
+            raise ConfigError(f"local_epochs must be >= 1, got {local_epochs}")
+        if len(local_data) == 0:
+            raise ConfigError("local_data is empty")
+        self.spec = load_model_spec(model) if isinstance(model, str) else model
+        self.data = local_data
+        self.device_id = device_id
+        self.federation = federation
+        self.topics = Topics(federation)
+        self.broker = broker
+        self.codec = codec
+        self.local_epochs = local_epochs
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.receipt_timeout = receipt_timeout
+        self.pull_timeout = pull_timeout
+        self.version_timeout = version_timeout
+        self.max_send_attempts = max_send_attempts
+        self.wait_for_new_version = wait_for_new_version
+        self.heartbeat_interval = heartbeat_interval
+        self.discovery_timeout = discovery_timeout
+        self.on_progress = on_progress
+        self.on_round = on_round
+        root = Path(state_dir) if state_dir is not None else Path(tempfile.gettempdir()) / "ffm-edge" / device_id
+        self.outbox = Outbox(root / "outbox")
+        self.trainer = TorchTrainer(
+            self.spec, local_data.info, strategy, seed=seed, learning_rate=learning_rate, batch_size=batch_size
+        )
+        self._transport = transport
+        self._own_transport = transport is None
+        self._cond = threading.Condition()
+        self._manifest: Manifest | None = None
+        self._results: dict[str, Receipt | Rejection] = {}
+        self._pull_frames: dict[str, bytes] = {}
+        self._pull_errors: dict[str, PullError] = {}
+        self._assembler = ChunkAssembler()
+        self._bytes_down = 0
+        self._version = -1
+        self._global: dict[str, np.ndarray] = {}
+        self._last_base: int | None = None
+        self._rounds = 0
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- connection -----------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Connect to the broker (finding the hub with zeroconf when no broker was given) and say hello."""
+        if self._transport is None:
+            from ffm_edge.transport.mqtt import MqttTransport, parse_broker_url
+
+            url = self.broker
+            if url is None:
+                from ffm_edge.discovery import discover_hub
+
+                hub = discover_hub(self.federation, timeout=self.discovery_timeout)
+                log.info("found hub %s at %s", hub.hub_id, hub.broker_url)
+                url = hub.broker_url
+            address = parse_broker_url(url)
+            presence = self.topics.presence(self.device_id)
+            self._transport = MqttTransport(
+                address.host,
+                address.port,
+                client_id=f"ffm-edge-{self.device_id}",
+                will=(presence, b"offline", True),
+                online=(presence, b"online", True),
+            )
+        transport = self._transport
+        transport.subscribe(self.topics.downlink_control(self.device_id), self._on_control)
+        transport.subscribe(self.topics.downlink_global(self.device_id), self._on_global_chunk)
+        transport.subscribe(self.topics.manifest(), self._on_control)
+        transport.connect()
+        self._say_hello()
+        self._stop.clear()
+        if self.heartbeat_interval > 0:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="ffm-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def close(self) -> None:
+        """Stop heartbeats and disconnect (pending updates stay in the outbox)."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+            self._heartbeat = None
+        if self._transport is not None and self._own_transport:
+            self._transport.close()
+
+    def __enter__(self) -> EdgeClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_transport(self) -> Transport:
+        if self._transport is None:
+            raise TransportError("not connected: call connect() first")
+        return self._transport
+
+    def _say_hello(self) -> None:
+        hello = Hello(self.device_id, self._version if self._version >= 0 else None, self.trainer.strategy.name)
+        self._require_transport().publish(self.topics.uplink_control(self.device_id), encode_message(hello))
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                beat = encode_message(Heartbeat(self.device_id, time.time()))
+                self._require_transport().publish(self.topics.uplink_control(self.device_id), beat, timeout=5)
+            except TransportError as exc:
+                log.debug("heartbeat not sent: %s", exc)
+
+    # -- incoming (transport thread: keep it quick) ---------------------------------------------------
+    def _on_control(self, topic: str, payload: bytes) -> None:
+        try:
+            message = decode_message(payload)
+        except DecodeError as exc:
+            log.warning("ignoring an unreadable message on %s: %s", topic, exc)
+            return
+        with self._cond:
+            if isinstance(message, Manifest):
+                if message.federation == self.federation and (
+                    self._manifest is None or message.version > self._manifest.version
+                ):
+                    self._manifest = message
+            elif isinstance(message, (Receipt, Rejection)):
+                self._results[message.update_id] = message
+            elif isinstance(message, PullError):
+                self._pull_errors[message.transfer_id] = message
+            self._cond.notify_all()
+
+    def _on_global_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            completed = self._assembler.add(payload)
+        except DecodeError as exc:
+            log.warning("dropping a bad global-version chunk: %s", exc)
+            return
+        with self._cond:
+            self._bytes_down += len(payload)
+            if completed is not None:
+                self._pull_frames[completed.transfer_id] = completed.data
+                self._cond.notify_all()
+
+    # -- global versions ------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The global version this device holds (-1 before the first pull)."""
+        return self._version
+
+    def latest_manifest(self, timeout: float = 30.0, *, newer_than: int | None = None) -> Manifest:
+        """Wait for the hub's manifest (newer than ``newer_than`` when given).
+
+        The retained manifest is only a shortcut: no broker is trusted to hold it, so while waiting the
+        client says hello every few seconds and the hub answers with its manifest directly.
+        """
+        deadline = time.monotonic() + timeout
+
+        def ready() -> bool:
+            return self._manifest is not None and (newer_than is None or self._manifest.version > newer_than)
+
+        while True:
+            remaining = deadline - time.monotonic()
+            with self._cond:
+                if self._cond.wait_for(ready, max(0.0, min(remaining, 5.0))):
+                    assert self._manifest is not None
+                    return self._manifest
+            if time.monotonic() >= deadline:
+                what = "a manifest" if newer_than is None else f"a version newer than {newer_than}"
+                raise TransportError(f"no {what} from the hub within {timeout:.0f}s")
+            self._say_hello()
+
+    def pull_global(self, version: int = -1) -> int:
+        """Download a global version (``-1`` = the latest) and load it into the model."""
+        transport = self._require_transport()
+        for attempt in range(1, 4):
+            transfer_id = "pull-" + uuid.uuid4().hex[:24]
+            request = PullRequest(self.device_id, version, transfer_id)
+            self._progress("pull", 0, 1, f"requesting version {version if version >= 0 else 'latest'}")
+            transport.publish(self.topics.uplink_control(self.device_id), encode_message(request))
+            with self._cond:
+                ok = self._cond.wait_for(
+                    lambda t=transfer_id: t in self._pull_frames or t in self._pull_errors, self.pull_timeout
+                )
+                frame = self._pull_frames.pop(transfer_id, None)
+                error = self._pull_errors.pop(transfer_id, None)
+            if error is not None:
+                raise TransportError(f"hub cannot serve version {version}: {error.reason} ({error.detail})")
+            if ok and frame is not None:
+                return self._load_global(frame)
+            log.warning("pull of version %s timed out (attempt %d), asking again", version, attempt)
+            self._assembler.forget(transfer_id)
+        raise TransportError(f"could not download global version {version} after 3 attempts")
+
+    def _load_global(self, frame: bytes) -> int:
+        meta, state = decode_global(frame)
+        if meta.federation != self.federation:
+            raise TransportError(f"hub sent a version of federation {meta.federation!r}")
+        manifest = self._manifest
+        if manifest is not None and manifest.version == meta.version:
+            digest = hashlib.sha256(frame).hexdigest()
+            if digest != manifest.sha256:
+                raise TransportError(f"version {meta.version} does not match its manifest's sha256")
+        self.trainer.load_trainable_state(state)
+        self._global = state
+        self._version = meta.version
+        self._progress("pull", 1, 1, f"loaded version {meta.version}")
+        log.info("%s now holds global version %d", self.device_id, meta.version)
+        return meta.version
+
+    # -- updates --------------------------------------------------------------------------------------
+    def send_pending(self) -> list[Receipt]:
+        """Send every update left in the outbox (e.g. from before a crash) until receipted."""
+        receipts = []
+        for item in self.outbox.pending():
+            try:
+                receipts.append(self._deliver(item.update_id, self.outbox.read(item.update_id)))
+            except RejectedUpdateError as exc:
+                log.warning("%s", exc)
+        return receipts
+
+    def _deliver(self, update_id: str, frame: bytes) -> Receipt:
+        transport = self._require_transport()
+        chunks = split_frame(frame, chunk_size=self.chunk_size, transfer_id=update_id)
+        for attempt in range(1, self.max_send_attempts + 1):
+            for i, chunk in enumerate(chunks, 1):
+                transport.publish(self.topics.uplink_update(self.device_id), chunk)
+                self._progress("upload", i, len(chunks), update_id)
+            self._progress("wait", 0, 1, f"waiting for the receipt of {update_id}")
+            with self._cond:
+                self._cond.wait_for(lambda: update_id in self._results, self.receipt_timeout)
+                result = self._results.pop(update_id, None)
+            if isinstance(result, Receipt):
+                self.outbox.acknowledge(update_id)
+                return result
+            if isinstance(result, Rejection):
+                self.outbox.reject(update_id, result.reason, result.detail)
+                raise RejectedUpdateError(update_id, result.reason, result.detail)
+            delay = min(2.0**attempt, 30.0)
+            log.warning("no receipt for %s (attempt %d), sending again in %.0fs", update_id, attempt, delay)
+            time.sleep(delay)
+        raise TransportError(
+            f"no receipt for update {update_id} after {self.max_send_attempts} attempts; "
+            "it stays in the outbox and is sent again later"
+        )
+
+    def run_round(self) -> RoundResult:
+        """One federated round; returns when the hub has receipted the update."""
+        started = time.perf_counter()
+        self.send_pending()
+        down_before = self._bytes_down
+        manifest = self.latest_manifest(
+            self.version_timeout,
+            newer_than=self._last_base if self.wait_for_new_version and self._last_base is not None else None,
+        )
+        if manifest.version != self._version:
+            self.pull_global(manifest.version)
+        base = self._version
+        self.trainer.load_trainable_state(self._global)  # every round starts from the global version
+        report = self.trainer.train(
+            self.data,
+            epochs=self.local_epochs,
+            seed=self.seed + self._rounds,
+            progress=lambda step, total, loss: self._progress("train", step, total, f"loss {loss:.4f}"),
+        )
+        local = self.trainer.trainable_state()
+        delta = {name: local[name] - self._global[name] for name in local}
+        meta = UpdateMeta(
+            federation=self.federation,
+            device=self.device_id,
+            update_id=uuid.uuid4().hex,
+            base_version=base,
+            strategy=self.trainer.strategy.name,
+            num_samples=len(self.data),
+            codec=self.codec,
+            created_at=time.time(),
+            metrics={"train_loss": report.mean_loss, "train_seconds": report.seconds},
+        )
+        frame = encode_update(meta, delta)
+        self.outbox.put(meta.update_id, frame)
+        receipt = self._deliver(meta.update_id, frame)
+        self._last_base = base
+        self._rounds += 1
+        result = RoundResult(
+            round=self._rounds,
+            base_version=base,
+            update_id=meta.update_id,
+            num_samples=len(self.data),
+            train=report,
+            bytes_up=sum(len(c) for c in split_frame(frame, chunk_size=self.chunk_size, transfer_id=meta.update_id)),
+            bytes_down=self._bytes_down - down_before,
+            queue_length=receipt.queue_length,
+            seconds=time.perf_counter() - started,
+        )
+        if self.on_round is not None:
+            self.on_round(result)
+        return result
+
+    def run_forever(self, rounds: int | None = None, *, stop: threading.Event | None = None) -> list[RoundResult]:
+        """Run rounds until ``rounds`` are done or ``stop`` is set; transient failures are retried."""
+        results: list[RoundResult] = []
+        failures = 0
+        while (rounds is None or len(results) < rounds) and not (stop is not None and stop.is_set()):
+            try:
+                results.append(self.run_round())
+                failures = 0
+            except RejectedUpdateError as exc:
+                log.warning("%s; training again on the next round", exc)
+            except TransportError as exc:
+                failures += 1
+                delay = min(2.0**failures, 60.0)
+                log.warning("round failed (%s); retrying in %.0fs", exc, delay)
+                if stop is not None and stop.wait(delay):
+                    break
+                if stop is None:
+                    time.sleep(delay)
+        return results
+
+    def _progress(self, stage: str, done: int, total: int, detail: str = "") -> None:
+        if self.on_progress is not None:
+            self.on_progress(ProgressEvent(stage, done, total, detail))

@@ -1,0 +1,187 @@
+"""``ffm-hub``: run the hub service, inspect its state, or run the one-command demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from ffm_edge.errors import FFMError
+
+__all__ = ["main"]
+
+log = logging.getLogger("ffm.hub.cli")
+
+_EPILOG = """\
+examples:
+  ffm-hub demo                                  # a hub + 3 edge clients on this machine, 5 rounds
+  FFM_DATA_DIR=../shared/data ffm-hub demo --clients 4 --rounds 8
+  ffm-hub serve --task sst2 --tau 10            # a hub with its own broker on port 1883
+  ffm-hub serve --broker mqtt://broker:1883     # a hub on an existing broker
+  ffm-hub status --state-dir ffm-hub-state      # versions and queue of a hub's store
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="ffm-hub",
+        description="FFM hub: collects edge updates over MQTT, aggregates them (FedAvg) and publishes global versions.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    serve = sub.add_parser("serve", help="run the hub service", formatter_class=fmt,
+                           description="Run the hub until SIGTERM/Ctrl-C. Without --broker it runs a broker "
+                           "itself: Mosquitto when installed, else the in-process amqtt broker.")  # fmt: skip
+    serve.add_argument("--federation", default="default", help="federation name")
+    serve.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
+    serve.add_argument("--task", default="sst2", help="task of the head, and of the held-out evaluation data")
+    serve.add_argument("--strategy", default="lora", help="strategy whose tensors the federation trains")
+    serve.add_argument("--tau", type=int, default=3, help="aggregate when this many updates are queued")
+    serve.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η of FedAvg")
+    serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
+    serve.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
+    serve.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"),
+                       help="managed broker to run when --broker is not given")  # fmt: skip
+    serve.add_argument("--broker-port", type=int, default=1883, help="port of the managed broker (0 = any)")
+    serve.add_argument("--broker-bind", default="127.0.0.1", help="address the managed broker listens on")
+    serve.add_argument("--eval-limit", type=int, default=500, help="held-out examples evaluated per version")
+    serve.add_argument("--data-dir", default=None, help="GLUE-format data folder (default: $FFM_DATA_DIR)")
+    serve.add_argument("--no-advertise", action="store_true", help="do not advertise the hub with zeroconf")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the initial global version")
+
+    status = sub.add_parser("status", help="print versions and queue of a hub's store", formatter_class=fmt)
+    status.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="the hub's state folder")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a hub and N edge clients on this machine and print a per-round table",
+        formatter_class=fmt,
+        description="Start a hub (with its managed broker) and N edge clients as separate processes, each "
+        "client with a non-IID shard of a real dataset, run R rounds and print one row per global version. "
+        "Data: GLUE SST-2 from $FFM_DATA_DIR when present, else the Hugging Face hub when `datasets` is "
+        "installed, else scikit-learn's handwritten digits (offline) with EfficientNet-Lite0.",
+    )
+    demo.add_argument("--clients", type=int, default=3, help="number of edge clients")
+    demo.add_argument("--rounds", type=int, default=5, help="federated rounds (global versions)")
+    demo.add_argument("--task", default=None, help="force a task (sst2, mrpc, digits, ...)")
+    demo.add_argument("--model", default=None, help="force a model spec")
+    demo.add_argument("--samples", type=int, default=600, help="training examples shared out to the clients")
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew α of the shards")
+    demo.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    demo.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"), help="update encoding")
+    demo.add_argument("--eval-limit", type=int, default=500, help="held-out examples evaluated per version")
+    demo.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"), help="broker")
+    demo.add_argument("--workdir", type=Path, default=None, help="logs and state (default: a temp folder)")
+    demo.add_argument("--data-dir", default=None, help="GLUE-format data folder (default: $FFM_DATA_DIR)")
+    demo.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ffm_hub.service import ServeOptions, serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    opts = ServeOptions(
+        federation=args.federation,
+        model=args.model,
+        task=args.task,
+        strategy=args.strategy,
+        tau=args.tau,
+        server_lr=args.server_lr,
+        state_dir=args.state_dir,
+        broker=args.broker,
+        broker_kind=args.broker_kind,
+        broker_port=args.broker_port,
+        broker_bind=args.broker_bind,
+        eval_limit=args.eval_limit,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        advertise=not args.no_advertise,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    serve(opts, stop)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ffm_hub.store import SqliteStore
+
+    root = args.state_dir / "store"
+    if not (root / "hub.sqlite").exists():
+        log.error("no hub store in %s", args.state_dir)
+        return 2
+    store = SqliteStore(root)
+    try:
+        versions = store.versions()
+        print(f"store: {root}")
+        print(f"updates: {store.counts()}")
+        print("| version | parent | kind | updates | metrics |\n|---:|---:|---|---:|---|")
+        for v in versions:
+            metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items()))
+            parent = "-" if v.parent is None else v.parent
+            print(f"| {v.version} | {parent} | {v.kind} | {v.num_updates} | {metrics} |")
+    finally:
+        store.close()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ffm_hub.demo import DemoOptions, run_demo
+
+    run_demo(
+        DemoOptions(
+            clients=args.clients,
+            rounds=args.rounds,
+            task=args.task,
+            model=args.model,
+            samples=args.samples,
+            alpha=args.alpha,
+            epochs=args.epochs,
+            codec=args.codec,
+            eval_limit=args.eval_limit,
+            broker_kind=args.broker_kind,
+            workdir=args.workdir,
+            data_dir=args.data_dir,
+            timeout=args.timeout,
+        )
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ffm-hub``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    commands = {"serve": _serve, "status": _status, "demo": _demo}
+    try:
+        return commands[args.command](args)
+    except FFMError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

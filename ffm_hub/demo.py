@@ -1,0 +1,261 @@
+"""The one-command demo: a hub and N edge clients as separate processes on this machine.
+
+The demo process only orchestrates and observes: it starts ``ffm-hub serve`` (which runs the managed
+broker), then one ``ffm-edge run`` per client, each holding its own non-IID shard, and watches the
+hub's retained manifests over MQTT to print one row per global version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+from ffm_edge.data import resolve_data_dir
+from ffm_edge.errors import FFMError, TransportError
+from ffm_edge.transport.mqtt import MqttTransport, parse_broker_url
+from ffm_edge.wire import Manifest, Topics, decode_message
+
+__all__ = ["DemoOptions", "DemoRow", "choose_demo_data", "run_demo"]
+
+log = logging.getLogger("ffm.demo")
+
+
+@dataclass
+class DemoOptions:
+    """Settings of ``ffm-hub demo`` (each is a flag)."""
+
+    clients: int = 3
+    rounds: int = 5
+    task: str | None = None
+    model: str | None = None
+    samples: int = 600
+    alpha: float = 0.5
+    epochs: int = 1
+    codec: str = "int8"
+    eval_limit: int = 500
+    broker_kind: str = "auto"
+    workdir: Path | None = None
+    data_dir: str | None = None
+    timeout: float = 1800.0
+    federation: str = "demo"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One global version as the demo reports it."""
+
+    version: int
+    metric: str
+    value: float | None
+    devices: int
+    samples: int
+    bytes_up: int
+    bytes_down: int
+    round_s: float
+
+
+def choose_demo_data(task: str | None, model: str | None, data_dir: str | None) -> tuple[str, str, str]:
+    """Pick (task, model, why): GLUE SST-2 from the data folder, the HF hub, or the offline digits."""
+    if task is not None:
+        default_model = "efficientnet-lite0" if task.lower() in ("digits", "cifar10") else "minilm-l6-v2"
+        return task, model or default_model, f"task {task} as asked"
+    try:
+        folder = resolve_data_dir(data_dir)
+    except FFMError:
+        folder = None
+    if folder is not None and (folder / "glue" / "SST-2" / "train.tsv").is_file():
+        return "sst2", model or "minilm-l6-v2", f"GLUE SST-2 from {folder}"
+    if importlib.util.find_spec("datasets") is not None and not os.environ.get("HF_HUB_OFFLINE"):
+        return "sst2", model or "minilm-l6-v2", "GLUE SST-2 from the Hugging Face hub (datasets is installed)"
+    return (
+        "digits",
+        model or "efficientnet-lite0",
+        "no GLUE data found (set FFM_DATA_DIR to a folder with glue/SST-2, or install `datasets` when online),"
+        " so the demo uses scikit-learn's handwritten digits, which ship with scikit-learn",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    handle: IO[bytes] = open(log_path, "wb")
+    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _row(manifest: Manifest, metric: str) -> DemoRow:
+    m = manifest.metrics
+    return DemoRow(
+        version=manifest.version,
+        metric=metric,
+        value=m.get(metric),
+        devices=int(m.get("devices", 0)),
+        samples=int(m.get("num_samples", 0)),
+        bytes_up=int(m.get("bytes_in", 0)),
+        bytes_down=int(m.get("bytes_out", 0)),
+        round_s=float(m.get("round_s", 0.0)),
+    )
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    """The per-round table, as Markdown a person can read in a terminal."""
+    metric = rows[0].metric if rows else "accuracy"
+    lines = [
+        f"| version | {metric} | devices | samples | bytes up | bytes down | round time (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        value = "n/a" if r.value is None else f"{r.value:.4f}"
+        if r.version == 0:
+            lines.append(f"| 0 (initial) | {value} | - | - | - | - | - |")
+        else:
+            lines.append(
+                f"| {r.version} | {value} | {r.devices} | {r.samples} | {r.bytes_up:,} | {r.bytes_down:,} "
+                f"| {r.round_s:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def run_demo(opts: DemoOptions) -> list[DemoRow]:
+    """Run the demo end to end; returns one row per global version."""
+    from ffm_edge.data import get_task
+
+    task, model, why = choose_demo_data(opts.task, opts.model, opts.data_dir)
+    print(f"data:  {why}\nmodel: {model}\ntask:  {task}", flush=True)
+    metric = get_task(task).metrics[0]
+    workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="ffm-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if opts.data_dir:
+        env["FFM_DATA_DIR"] = opts.data_dir
+    py = sys.executable
+    hub_cmd = [
+        py, "-m", "ffm_hub.cli", "serve", "--federation", opts.federation, "--model", model, "--task", task,
+        "--tau", str(opts.clients), "--state-dir", str(workdir / "hub"), "--broker-kind", opts.broker_kind,
+        "--broker-port", str(port), "--eval-limit", str(opts.eval_limit), "--threads", "1",
+    ]  # fmt: skip
+    print(f"logs:  {workdir}", flush=True)
+    hub = _spawn(hub_cmd, workdir / "hub.log", env)
+    edges: list[subprocess.Popen[bytes]] = []
+    manifests: queue.Queue[Manifest] = queue.Queue()
+    rows: list[DemoRow] = []
+    observer: MqttTransport | None = None
+    started = time.monotonic()
+    try:
+        url_file = workdir / "hub" / "broker.url"
+        while not url_file.exists():
+            if hub.poll() is not None:
+                raise TransportError(f"the hub exited early; see {workdir / 'hub.log'}")
+            if time.monotonic() - started > 120:
+                raise TransportError("the hub did not start its broker within 120 s")
+            time.sleep(0.2)
+        url = url_file.read_text().strip()
+        address = parse_broker_url(url)
+        topics = Topics(opts.federation)
+
+        def on_manifest(_topic: str, payload: bytes) -> None:
+            try:
+                message = decode_message(payload)
+            except FFMError:
+                return
+            if isinstance(message, Manifest):
+                manifests.put(message)
+
+        observer = MqttTransport(address.host, address.port, client_id="ffm-demo-observer")
+        observer.subscribe(topics.manifest(), on_manifest)
+        observer.connect(timeout=30)
+        for i in range(opts.clients):
+            edge_cmd = [
+                py, "-m", "ffm_edge.cli", "run", "--broker", url, "--federation", opts.federation,
+                "--model", model, "--task", task, "--shard", f"{i}/{opts.clients}", "--samples", str(opts.samples),
+                "--alpha", str(opts.alpha), "--rounds", str(opts.rounds), "--epochs", str(opts.epochs),
+                "--codec", opts.codec, "--state-dir", str(workdir / f"edge-{i}"), "--no-progress",
+            ]  # fmt: skip
+            edges.append(_spawn(edge_cmd, workdir / f"edge-{i}.log", env))
+        print(f"started a hub and {opts.clients} edge clients on {url}", flush=True)
+        rows = _observe(opts, manifests, metric, hub, edges, workdir, started)
+    finally:
+        for proc in edges:
+            _stop(proc)
+        _stop(hub)
+        if observer is not None:
+            observer.close()
+    result = {
+        "task": task,
+        "model": model,
+        "data": why,
+        "clients": opts.clients,
+        "rounds": opts.rounds,
+        "wall_s": time.monotonic() - started,
+        "rows": [asdict(r) for r in rows],
+    }
+    (workdir / "demo.json").write_text(json.dumps(result, indent=2))
+    print("\n" + format_table(rows))
+    print(f"\n{len(rows) - 1} rounds in {result['wall_s']:.0f} s; results in {workdir / 'demo.json'}")
+    return rows
+
+
+def _observe(
+    opts: DemoOptions,
+    manifests: queue.Queue[Manifest],
+    metric: str,
+    hub: subprocess.Popen[bytes],
+    edges: list[subprocess.Popen[bytes]],
+    workdir: Path,
+    started: float,
+) -> list[DemoRow]:
+    from tqdm import tqdm
+
+    seen: dict[int, DemoRow] = {}
+    bar = tqdm(total=opts.rounds, desc="rounds", unit="round", disable=not opts.progress, dynamic_ncols=True)
+    try:
+        while max(seen, default=-1) < opts.rounds:
+            if time.monotonic() - started > opts.timeout:
+                raise TransportError(f"the demo did not finish within {opts.timeout:.0f} s; see logs in {workdir}")
+            if hub.poll() is not None:
+                raise TransportError(f"the hub exited (code {hub.returncode}); see {workdir / 'hub.log'}")
+            failed = [i for i, p in enumerate(edges) if p.poll() not in (None, 0)]
+            if failed:
+                raise TransportError(f"edge client(s) {failed} failed; see {workdir}/edge-N.log")
+            try:
+                manifest = manifests.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if manifest.version in seen:
+                continue
+            row = _row(manifest, metric)
+            seen[manifest.version] = row
+            if manifest.version > 0:
+                bar.update(1)
+            value = "n/a" if row.value is None else f"{row.value:.4f}"
+            bar.write(f"version {row.version}: {metric} {value}")
+    finally:
+        bar.close()
+    return [seen[v] for v in sorted(seen)]

@@ -1,0 +1,435 @@
+"""The hub's protocol logic: accept updates, aggregate at τ, publish and serve global versions.
+
+This module knows MQTT only through the :class:`~ffm_edge.transport.Transport` seam and the model only
+through two injected functions (the initial trainable state, and an evaluation of a state), so it
+runs unchanged against the in-memory fake, a real broker, a torch model or plain arrays.
+
+All protocol state is touched by one worker thread: transport callbacks only enqueue messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ffm_edge.errors import (
+    ConfigError,
+    DecodeError,
+    FFMError,
+    HashMismatchError,
+    OversizedError,
+    ProtocolVersionError,
+    TransportError,
+)
+from ffm_edge.transport import Transport
+from ffm_edge.wire import (
+    DEFAULT_LIMITS,
+    MAX_DETAIL_CHARS,
+    ChunkAssembler,
+    GlobalMeta,
+    Hello,
+    Manifest,
+    PullError,
+    PullRequest,
+    Receipt,
+    Rejection,
+    Topics,
+    UpdateMeta,
+    WireLimits,
+    decode_global,
+    decode_message,
+    decode_update,
+    encode_global,
+    encode_message,
+    parse_chunk,
+    split_frame,
+    validate_id,
+)
+from ffm_hub.aggregate import PartialSum, apply_delta
+from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
+
+__all__ = ["Hub", "HubSettings"]
+
+log = logging.getLogger("ffm.hub")
+
+State = dict[str, np.ndarray]
+Evaluator = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Protocol settings of one hub."""
+
+    federation: str = "default"
+    hub_id: str = "hub"
+    model: str = "unknown"
+    strategy: str = "lora"
+    tau: int = field(default=3, metadata={"help": "aggregate when this many accepted updates are queued"})
+    server_lr: float = field(default=1.0, metadata={"help": "server learning rate η"})
+    global_codec: str = field(default="fp32", metadata={"help": "codec of published global versions"})
+    chunk_size: int = field(default=128 * 1024, metadata={"help": "bytes per MQTT message for large frames"})
+    publish_timeout: float = 30.0
+    limits: WireLimits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        errors = []
+        for what, value in (("federation", self.federation), ("hub_id", self.hub_id)):
+            try:
+                validate_id(value, what)
+            except DecodeError as exc:
+                errors.append(str(exc))
+        if self.tau < 1:
+            errors.append(f"tau must be >= 1, got {self.tau}")
+        if not self.server_lr > 0:
+            errors.append(f"server_lr must be > 0, got {self.server_lr}")
+        if not 1024 <= self.chunk_size <= self.limits.max_chunk_bytes:
+            errors.append(f"chunk_size must be in [1024, {self.limits.max_chunk_bytes}], got {self.chunk_size}")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+
+class Hub:
+    """One federation's hub. ``start()`` subscribes and begins serving; ``stop()`` ends it."""
+
+    def __init__(
+        self,
+        settings: HubSettings,
+        transport: Transport,
+        store: HubStore,
+        *,
+        initial_state: Callable[[], Mapping[str, np.ndarray]],
+        evaluate: Evaluator | None = None,
+        on_version: Callable[[VersionRecord], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.store = store
+        self.topics = Topics(settings.federation)
+        self._initial_state = initial_state
+        self._evaluate = evaluate
+        self._on_version = on_version
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._assembler = ChunkAssembler(limits=settings.limits)
+        self._worker: threading.Thread | None = None
+        self._global: State = {}
+        self._current: VersionRecord | None = None
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._round_started = time.time()
+        self.devices: dict[str, float] = {}
+        self.counters: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "versions": 0}
+        self.rejections: dict[str, int] = {}
+        self._idle = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load or create the global state, subscribe, announce the current version."""
+        self._load_or_init()
+        self.transport.subscribe(self.topics.uplink_filter(), self._enqueue)
+        self.transport.subscribe(self.topics.presence_filter(), self._enqueue)
+        self._worker = threading.Thread(target=self._run, name="ffm-hub-worker", daemon=True)
+        self._worker.start()
+        self._publish_manifest()
+        # A restart may find a full queue (updates receipted just before a crash): aggregate now.
+        self._inbox.put(("__tick__", b""))
+
+    def stop(self) -> None:
+        """Finish the message in hand, then stop the worker."""
+        if self._worker is not None:
+            self._inbox.put(None)
+            self._worker.join(timeout=60)
+            self._worker = None
+
+    @property
+    def current_version(self) -> int:
+        """The newest global version id."""
+        return -1 if self._current is None else self._current.version
+
+    def global_state(self) -> State:
+        """A copy of the current global trainable state."""
+        return {k: v.copy() for k, v in self._global.items()}
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until the inbox is empty and the worker is waiting (for tests and tools)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._idle.clear()
+            if self._inbox.empty() and self._idle.wait(0.05) and self._inbox.empty():
+                return True
+        return False
+
+    # -- state ----------------------------------------------------------------------------------------
+    def _load_or_init(self) -> None:
+        latest = self.store.latest_version()
+        if latest is None:
+            state = {k: np.asarray(v, dtype=np.float32) for k, v in self._initial_state().items()}
+            metrics = self._evaluate(state) if self._evaluate else {}
+            self._commit(state, parent=None, kind="init", consumed=[], metrics=metrics)
+            return
+        _meta, state = decode_global(self.store.load_version(latest.version), limits=self.settings.limits)
+        self._global, self._current = state, latest
+        log.info("resumed at global version %d (%d updates queued)", latest.version, len(self.store.queued()))
+
+    def _commit(
+        self, state: State, *, parent: int | None, kind: str, consumed: list[str], metrics: dict[str, float]
+    ) -> VersionRecord:
+        version = 0 if parent is None else parent + 1
+        meta = GlobalMeta(
+            federation=self.settings.federation,
+            version=version,
+            parent=parent,
+            model=self.settings.model,
+            strategy=self.settings.strategy,
+            codec=self.settings.global_codec,
+            created_at=time.time(),
+            num_updates=len(consumed),
+            metrics=metrics,
+        )
+        frame = encode_global(meta, state)
+        record = VersionRecord(
+            version=version,
+            parent=parent,
+            sha256=hashlib.sha256(frame).hexdigest(),
+            size=len(frame),
+            created_at=meta.created_at,
+            num_updates=len(consumed),
+            kind=kind,
+            metrics=metrics,
+        )
+        self.store.commit_version(record, frame, consumed)
+        self._global, self._current = state, record
+        self.counters["versions"] += 1
+        log.info("global version %d (%s, %d updates) %s", version, kind, len(consumed), _fmt(metrics))
+        return record
+
+    # -- message loop ---------------------------------------------------------------------------------
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self._inbox.put((topic, payload))
+
+    def _run(self) -> None:
+        while True:
+            if self._inbox.empty():
+                self._idle.set()
+            item = self._inbox.get()
+            if item is None:
+                return
+            topic, payload = item
+            try:
+                self._dispatch(topic, payload)
+            except Exception:  # one bad message must never stop the hub
+                log.exception("error while handling a message on %s", topic)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == "__tick__":
+            self._maybe_aggregate()
+            return
+        if topic.startswith(self.topics.presence_filter()[:-1]):
+            device = topic.rsplit("/", 1)[-1]
+            self.devices[device] = time.time()
+            return
+        try:
+            device, kind = self.topics.parse_uplink(topic)
+        except DecodeError:
+            log.warning("ignoring message on unexpected topic %s", topic)
+            return
+        self.devices[device] = time.time()
+        if kind == "update":
+            self._bytes_in += len(payload)
+            self._on_chunk(device, payload)
+        else:
+            self._on_control(device, payload)
+
+    def _on_chunk(self, device: str, frame: bytes) -> None:
+        try:
+            chunk = parse_chunk(frame, limits=self.settings.limits)
+        except DecodeError as exc:
+            self._count_rejection(_reason(exc))
+            log.warning("dropping an unreadable chunk from %s: %s", device, exc)
+            return
+        try:
+            completed = self._assembler.add(frame)
+        except DecodeError as exc:
+            self._reject(device, chunk.transfer_id, _reason(exc), str(exc))
+            return
+        if completed is not None:
+            self._on_update(device, completed.transfer_id, completed.data)
+
+    def _on_control(self, device: str, payload: bytes) -> None:
+        try:
+            message = decode_message(payload, limits=self.settings.limits)
+        except DecodeError as exc:
+            log.warning("dropping an unreadable control message from %s: %s", device, exc)
+            return
+        if isinstance(message, Hello):
+            self._send(self.topics.downlink_control(device), encode_message(self._manifest()))
+        elif isinstance(message, PullRequest):
+            self._serve_pull(device, message)
+        # Heartbeats only refresh ``devices`` (done in _dispatch).
+
+    def _serve_pull(self, device: str, request: PullRequest) -> None:
+        version = self.current_version if request.version == -1 else request.version
+        record = self.store.get_version(version)
+        if record is None:
+            error = PullError(request.transfer_id, "unknown_version", f"no version {version}")
+            self._send(self.topics.downlink_control(device), encode_message(error))
+            return
+        frame = self.store.load_version(version)
+        for chunk in split_frame(frame, chunk_size=self.settings.chunk_size, transfer_id=request.transfer_id):
+            self._bytes_out += len(chunk)
+            self._send(self.topics.downlink_global(device), chunk)
+
+    # -- updates --------------------------------------------------------------------------------------
+    def _on_update(self, device: str, transfer_id: str, frame: bytes) -> None:
+        try:
+            meta, tensors = decode_update(frame, limits=self.settings.limits)
+        except DecodeError as exc:
+            self._reject(device, transfer_id, _reason(exc), str(exc))
+            return
+        problem = self._validate(device, transfer_id, meta, tensors)
+        if problem is not None:
+            self._reject(device, meta.update_id, *problem)
+            return
+        result = self.store.accept_update(
+            QueuedUpdate(
+                update_id=meta.update_id,
+                device=meta.device,
+                base_version=meta.base_version,
+                num_samples=meta.num_samples,
+                strategy=meta.strategy,
+                codec=meta.codec,
+                size=len(frame),
+                received_at=time.time(),
+            ),
+            frame,
+        )
+        self.counters["duplicates" if result.duplicate else "accepted"] += 1
+        receipt = Receipt(meta.update_id, self.current_version, result.queue_length, result.duplicate)
+        self._send(self.topics.downlink_control(device), encode_message(receipt))
+        log.info(
+            "%s update %s from %s (n=%d, base v%d), queue %d/%d",
+            "duplicate" if result.duplicate else "accepted",
+            meta.update_id,
+            device,
+            meta.num_samples,
+            meta.base_version,
+            result.queue_length,
+            self.settings.tau,
+        )
+        if not result.duplicate:
+            self._maybe_aggregate()
+
+    def _validate(
+        self, device: str, transfer_id: str, meta: UpdateMeta, tensors: Mapping[str, np.ndarray]
+    ) -> tuple[str, str] | None:
+        if meta.update_id != transfer_id:
+            return "malformed", f"transfer id {transfer_id} != update id {meta.update_id}"
+        if meta.federation != self.settings.federation:
+            return "wrong_federation", f"update is for federation {meta.federation!r}"
+        if meta.device != device:
+            return "device_mismatch", f"update names device {meta.device!r} but came from {device!r}"
+        if self.store.get_update(meta.update_id) is not None:
+            return None  # a duplicate of an accepted update: receipt it again
+        if meta.base_version > self.current_version:
+            return "malformed", f"base version {meta.base_version} is newer than the hub's {self.current_version}"
+        unknown = sorted(set(tensors) - set(self._global))
+        if unknown or not tensors:
+            return "unknown_tensors", f"not in the global model: {unknown[:3]}" if unknown else "no tensors"
+        for name, value in tensors.items():
+            if value.shape != self._global[name].shape:
+                return "shape_mismatch", f"{name}: {value.shape} != {self._global[name].shape}"
+            if not np.isfinite(value).all():
+                return "non_finite", f"{name} holds NaN or Inf"
+        return None
+
+    def _maybe_aggregate(self) -> None:
+        queued = self.store.queued()
+        if len(queued) < self.settings.tau:
+            return
+        started = time.perf_counter()
+        partial = PartialSum()
+        for item in queued:
+            _meta, tensors = decode_update(self.store.load_update(item.update_id), limits=self.settings.limits)
+            partial.add(tensors, float(item.num_samples))
+        state = apply_delta(self._global, partial.mean(), self.settings.server_lr)
+        aggregation_s = time.perf_counter() - started
+        metrics = dict(self._evaluate(state)) if self._evaluate else {}
+        metrics.update(
+            {
+                "aggregation_s": aggregation_s,
+                "round_s": time.time() - self._round_started,
+                "bytes_in": float(self._bytes_in),
+                "bytes_out": float(self._bytes_out),
+                "num_samples": float(sum(item.num_samples for item in queued)),
+                "devices": float(len({item.device for item in queued})),
+            }
+        )
+        parent = self.current_version
+        record = self._commit(
+            state, parent=parent, kind="fedavg", consumed=[q.update_id for q in queued], metrics=metrics
+        )
+        self._bytes_in = self._bytes_out = 0
+        self._round_started = time.time()
+        self._publish_manifest()
+        if self._on_version is not None:
+            self._on_version(record)
+
+    # -- output ---------------------------------------------------------------------------------------
+    def _manifest(self) -> Manifest:
+        record = self._current
+        assert record is not None
+        return Manifest(
+            federation=self.settings.federation,
+            version=record.version,
+            parent=record.parent,
+            sha256=record.sha256,
+            size=record.size,
+            model=self.settings.model,
+            strategy=self.settings.strategy,
+            codec=self.settings.global_codec,
+            created_at=record.created_at,
+            metrics=record.metrics,
+            tensors=len(self._global),
+        )
+
+    def _publish_manifest(self) -> None:
+        self._send(self.topics.manifest(), encode_message(self._manifest()), retain=True)
+
+    def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        try:
+            self.transport.publish(topic, payload, qos=1, retain=retain, timeout=self.settings.publish_timeout)
+        except TransportError as exc:
+            # The device retries (its outbox, its pull timeout); nothing durable is lost here.
+            log.warning("could not publish to %s: %s", topic, exc)
+
+    def _reject(self, device: str, update_id: str, reason: str, detail: str) -> None:
+        self._count_rejection(reason)
+        log.warning("rejected update %s from %s: %s (%s)", update_id, device, reason, detail)
+        self._send(
+            self.topics.downlink_control(device),
+            encode_message(Rejection(update_id, reason, detail[:MAX_DETAIL_CHARS])),
+        )
+
+    def _count_rejection(self, reason: str) -> None:
+        self.counters["rejected"] += 1
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+
+def _reason(exc: FFMError) -> str:
+    if isinstance(exc, ProtocolVersionError):
+        return "protocol_version"
+    if isinstance(exc, HashMismatchError):
+        return "hash_mismatch"
+    if isinstance(exc, OversizedError):
+        return "oversized"
+    return "malformed"
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -1,0 +1,138 @@
+"""Wiring of the hub service: broker, transport, store, model, discovery. No protocol logic here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ffm_edge.data import LabeledData, describe, get_task, load_split
+from ffm_edge.errors import ConfigError, DataError
+from ffm_edge.spec import load_model_spec
+from ffm_edge.transport.mqtt import MqttTransport, parse_broker_url
+from ffm_hub.hub import Hub, HubSettings
+from ffm_hub.store import SqliteStore
+
+__all__ = ["ServeOptions", "running_hub", "serve"]
+
+log = logging.getLogger("ffm.hub.service")
+
+
+@dataclass
+class ServeOptions:
+    """Everything ``ffm-hub serve`` takes (each field is a command-line flag)."""
+
+    federation: str = "default"
+    model: str = "minilm-l6-v2"
+    task: str = "sst2"
+    strategy: str = "lora"
+    tau: int = 3
+    server_lr: float = 1.0
+    state_dir: Path = field(default_factory=lambda: Path("ffm-hub-state"))
+    broker: str | None = None
+    broker_kind: str = "auto"
+    broker_port: int = 1883
+    broker_bind: str = "127.0.0.1"
+    eval_limit: int | None = 500
+    data_dir: str | None = None
+    seed: int = 0
+    advertise: bool = True
+    chunk_size: int = 128 * 1024
+    hub_id: str = "hub"
+
+    def __post_init__(self) -> None:
+        if self.broker_kind not in ("auto", "mosquitto", "amqtt"):
+            raise ConfigError(f"broker kind must be auto, mosquitto or amqtt, got {self.broker_kind!r}")
+        self.state_dir = Path(self.state_dir)
+
+
+def _load_eval_data(opts: ServeOptions) -> LabeledData | None:
+    try:
+        data = load_split(opts.task, "dev", data_dir=opts.data_dir, limit=opts.eval_limit, seed=opts.seed)
+    except DataError as exc:
+        log.warning("no held-out data for %s, versions will carry no accuracy: %s", opts.task, exc)
+        return None
+    log.info("held-out evaluation data: %s", describe(data))
+    return data
+
+
+@contextlib.contextmanager
+def running_hub(opts: ServeOptions) -> Iterator[Hub]:
+    """Start every part of the hub and stop them in reverse order on exit."""
+    from ffm_edge.trainer import TorchTrainer
+    from ffm_hub.advertise import HubAdvertiser
+    from ffm_hub.brokers import start_managed_broker
+
+    spec = load_model_spec(opts.model)
+    task = get_task(opts.task)
+    settings = HubSettings(
+        federation=opts.federation,
+        hub_id=opts.hub_id,
+        model=spec.name,
+        strategy=opts.strategy,
+        tau=opts.tau,
+        server_lr=opts.server_lr,
+        chunk_size=opts.chunk_size,
+    )
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if opts.broker is None:
+            broker = start_managed_broker(
+                opts.broker_kind, port=opts.broker_port, bind=opts.broker_bind, workdir=opts.state_dir / "broker"
+            )
+            stack.callback(broker.stop)
+            url = broker.url
+            log.info("managed %s broker at %s", broker.kind, url)
+        else:
+            url = opts.broker
+        (opts.state_dir / "broker.url").write_text(url + "\n")
+        address = parse_broker_url(url)
+        presence = f"ffm/v1/{opts.federation}/hub/presence"
+        transport = MqttTransport(
+            address.host,
+            address.port,
+            client_id=f"ffm-hub-{opts.federation}-{opts.hub_id}",
+            will=(presence, b"offline", True),
+            online=(presence, b"online", True),
+        )
+        transport.connect()
+        stack.callback(transport.close)
+        store = SqliteStore(opts.state_dir / "store")
+        stack.callback(store.close)
+        trainer = TorchTrainer(spec, task, opts.strategy, seed=opts.seed)
+        eval_data = _load_eval_data(opts)
+
+        def evaluate(state: Mapping[str, np.ndarray]) -> dict[str, float]:
+            if eval_data is None:
+                return {}
+            trainer.load_trainable_state(state)
+            return trainer.evaluate(eval_data)
+
+        hub = Hub(settings, transport, store, initial_state=trainer.trainable_state, evaluate=evaluate)
+        hub.start()
+        stack.callback(hub.stop)
+        if opts.advertise:
+            advertiser = HubAdvertiser(opts.federation, url, hub_id=opts.hub_id, port=address.port)
+            try:
+                advertiser.start()
+                stack.callback(advertiser.stop)
+            except Exception as exc:  # discovery is a convenience; the hub works without it
+                log.warning("zeroconf advertisement failed (%s); edges need --broker %s", exc, url)
+        log.info(
+            "hub ready: federation %s, model %s, strategy %s, tau %d, version %d, broker %s",
+            opts.federation, spec.name, opts.strategy, opts.tau, hub.current_version, url,
+        )  # fmt: skip
+        yield hub
+
+
+def serve(opts: ServeOptions, stop: threading.Event | None = None) -> None:
+    """Run the hub until ``stop`` is set (or forever)."""
+    stop = stop or threading.Event()
+    with running_hub(opts):
+        stop.wait()
+    log.info("hub stopped")

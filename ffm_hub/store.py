@@ -1,0 +1,295 @@
+"""Durable hub state: the queue of accepted updates and the global versions.
+
+SQLite holds the metadata (WAL, synchronous=FULL); the frames themselves are files written with
+write-to-temp, fsync, rename, fsync-directory. An update is durable before :meth:`accept_update`
+returns, so the receipt that follows it is a promise the hub can keep after ``kill -9``. A version is
+committed in one transaction together with marking the updates it consumed, so no update is counted
+twice and the version never moves backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AcceptResult", "HubStore", "QueuedUpdate", "SqliteStore", "VersionRecord"]
+
+
+@dataclass(frozen=True)
+class QueuedUpdate:
+    """Metadata of one accepted update."""
+
+    update_id: str
+    device: str
+    base_version: int
+    num_samples: int
+    strategy: str
+    codec: str
+    size: int
+    received_at: float
+    status: str = "queued"
+    aggregated_into: int | None = None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """Metadata of one global version."""
+
+    version: int
+    parent: int | None
+    sha256: str
+    size: int
+    created_at: float
+    num_updates: int
+    kind: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    """Outcome of :meth:`HubStore.accept_update`."""
+
+    duplicate: bool
+    queue_length: int
+
+
+class HubStore(ABC):
+    """Persistence interface of the hub (one contract, several backends)."""
+
+    @abstractmethod
+    def accept_update(self, update: QueuedUpdate, frame: bytes) -> AcceptResult:
+        """Make an update durable; a second call with the same id is a duplicate and changes nothing."""
+
+    @abstractmethod
+    def queued(self) -> list[QueuedUpdate]:
+        """Accepted updates not yet aggregated, in arrival order."""
+
+    @abstractmethod
+    def get_update(self, update_id: str) -> QueuedUpdate | None:
+        """Metadata of any accepted update, aggregated or not."""
+
+    @abstractmethod
+    def load_update(self, update_id: str) -> bytes:
+        """The frame of an accepted update."""
+
+    @abstractmethod
+    def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
+        """Store a new version and mark ``consumed`` updates aggregated, atomically."""
+
+    @abstractmethod
+    def latest_version(self) -> VersionRecord | None:
+        """The newest global version, or None before the first."""
+
+    @abstractmethod
+    def get_version(self, version: int) -> VersionRecord | None:
+        """Metadata of one version."""
+
+    @abstractmethod
+    def load_version(self, version: int) -> bytes:
+        """The frame of one global version."""
+
+    @abstractmethod
+    def versions(self) -> list[VersionRecord]:
+        """Every stored version, oldest first."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release resources."""
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    update_id TEXT NOT NULL UNIQUE,
+    device TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    strategy TEXT NOT NULL,
+    codec TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'queued',
+    aggregated_into INTEGER
+);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    parent INTEGER,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    num_updates INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore(HubStore):
+    """SQLite metadata plus one file per frame under ``root``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._updates_dir = self.root / "updates"
+        self._versions_dir = self.root / "versions"
+        self._updates_dir.mkdir(parents=True, exist_ok=True)
+        self._versions_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "hub.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._remove_orphans()
+
+    def _update_path(self, update_id: str) -> Path:
+        return self._updates_dir / f"{update_id}.ffmu"
+
+    def _version_path(self, version: int) -> Path:
+        return self._versions_dir / f"{version:010d}.ffmg"
+
+    def _remove_orphans(self) -> None:
+        """Drop files a crash left without a committed row (never receipted, so safe to drop)."""
+        known_updates = {row[0] for row in self._db.execute("SELECT update_id FROM updates")}
+        for path in self._updates_dir.iterdir():
+            if path.suffix == ".tmp" or path.stem not in known_updates:
+                path.unlink(missing_ok=True)
+        known_versions = {row[0] for row in self._db.execute("SELECT version FROM versions")}
+        for path in self._versions_dir.iterdir():
+            if path.suffix == ".tmp" or not path.stem.isdigit() or int(path.stem) not in known_versions:
+                path.unlink(missing_ok=True)
+
+    def accept_update(self, update: QueuedUpdate, frame: bytes) -> AcceptResult:
+        with self._lock:
+            existing = self._db.execute("SELECT 1 FROM updates WHERE update_id = ?", (update.update_id,)).fetchone()
+            if existing is None:
+                _write_durably(self._update_path(update.update_id), frame)
+                self._db.execute(
+                    "INSERT INTO updates (update_id, device, base_version, num_samples, strategy, codec, size,"
+                    " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        update.update_id,
+                        update.device,
+                        update.base_version,
+                        update.num_samples,
+                        update.strategy,
+                        update.codec,
+                        len(frame),
+                        update.received_at or time.time(),
+                    ),
+                )
+            (length,) = self._db.execute("SELECT COUNT(*) FROM updates WHERE status = 'queued'").fetchone()
+            return AcceptResult(duplicate=existing is not None, queue_length=int(length))
+
+    @staticmethod
+    def _update_row(row: tuple[Any, ...]) -> QueuedUpdate:
+        return QueuedUpdate(*row)
+
+    _UPDATE_COLUMNS = (
+        "update_id, device, base_version, num_samples, strategy, codec, size, received_at, status, aggregated_into"
+    )
+
+    def queued(self) -> list[QueuedUpdate]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._UPDATE_COLUMNS} FROM updates WHERE status = 'queued' ORDER BY seq"
+            ).fetchall()
+        return [self._update_row(r) for r in rows]
+
+    def get_update(self, update_id: str) -> QueuedUpdate | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._UPDATE_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)
+            ).fetchone()
+        return None if row is None else self._update_row(row)
+
+    def load_update(self, update_id: str) -> bytes:
+        return self._update_path(update_id).read_bytes()
+
+    def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
+        consumed = list(consumed)
+        with self._lock:
+            latest = self._db.execute("SELECT MAX(version) FROM versions").fetchone()[0]
+            if latest is not None and record.version <= latest:
+                raise ValueError(f"version {record.version} is not newer than stored version {latest}")
+            _write_durably(self._version_path(record.version), frame)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.version,
+                        record.parent,
+                        record.sha256,
+                        record.size,
+                        record.created_at,
+                        record.num_updates,
+                        record.kind,
+                        json.dumps(record.metrics),
+                    ),
+                )
+                for update_id in consumed:
+                    cur = self._db.execute(
+                        "UPDATE updates SET status = 'aggregated', aggregated_into = ?"
+                        " WHERE update_id = ? AND status = 'queued'",
+                        (record.version, update_id),
+                    )
+                    if cur.rowcount != 1:
+                        raise ValueError(f"update {update_id} is not queued")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._version_path(record.version).unlink(missing_ok=True)
+                raise
+
+    @staticmethod
+    def _version_row(row: tuple[Any, ...]) -> VersionRecord:
+        return VersionRecord(*row[:7], metrics=json.loads(row[7]))
+
+    def latest_version(self) -> VersionRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else self._version_row(row)
+
+    def get_version(self, version: int) -> VersionRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
+        return None if row is None else self._version_row(row)
+
+    def load_version(self, version: int) -> bytes:
+        return self._version_path(version).read_bytes()
+
+    def versions(self) -> list[VersionRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM versions ORDER BY version").fetchall()
+        return [self._version_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of updates per status."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall()
+        return {status: int(n) for status, n in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
