@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -296,9 +297,7 @@ class EdgeClient:
             self._progress("pull", 0, 1, f"requesting version {version if version >= 0 else 'latest'}")
             transport.publish(self.topics.uplink_control(self.device_id), encode_message(request))
             with self._cond:
-                ok = self._cond.wait_for(
-                    lambda t=transfer_id: t in self._pull_frames or t in self._pull_errors, self.pull_timeout
-                )
+                ok = self._cond.wait_for(partial(self._pull_done, transfer_id), self.pull_timeout)
                 frame = self._pull_frames.pop(transfer_id, None)
                 error = self._pull_errors.pop(transfer_id, None)
             if error is not None:
@@ -308,6 +307,9 @@ class EdgeClient:
             log.warning("pull of version %s timed out (attempt %d), asking again", version, attempt)
             self._assembler.forget(transfer_id)
         raise TransportError(f"could not download global version {version} after 3 attempts")
+
+    def _pull_done(self, transfer_id: str) -> bool:
+        return transfer_id in self._pull_frames or transfer_id in self._pull_errors
 
     def _load_global(self, frame: bytes) -> int:
         meta, state = decode_global(frame)

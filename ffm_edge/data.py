@@ -523,9 +523,7 @@ def load_split(
 
     if info.name == "digits":
         if source not in ("auto", "sklearn"):
-            raise ConfigError(
-                f"digits come from scikit-learn only (source 'auto' or 'sklearn'), not {source!r}"
-            )
+            raise ConfigError(f"digits come from scikit-learn only (source 'auto' or 'sklearn'), not {source!r}")
         return _apply_limit(_load_digits(split), limit, seed)
     if source == "sklearn":
         raise ConfigError(f"source 'sklearn' only provides the digits task, not {info.name}")
@@ -588,11 +586,7 @@ def load_kshot(
         if not path.is_file():
             raise DataError(f"{info.name} k-shot: file {path} not found")
         pairs, labels = _read_tsv(path, info, spec)
-        out.append(
-            LabeledData(
-                info, pairs, labels, split=f"{k}shot-{seed}/{split}", source=f"local:{rel_dir}/{name}"
-            )
-        )
+        out.append(LabeledData(info, pairs, labels, split=f"{k}shot-{seed}/{split}", source=f"local:{rel_dir}/{name}"))
     return out[0], out[1]
 
 
@@ -610,9 +604,7 @@ _HF_COLUMNS: dict[str, tuple[str, str | None]] = {
 
 def _load_hf(info: TaskInfo, split: str) -> LabeledData:
     """GLUE from the Hugging Face hub (official splits; MNLI dev = validation_matched)."""
-    hf_split = (
-        "train" if split == "train" else ("validation_matched" if info.name == "mnli" else "validation")
-    )
+    hf_split = "train" if split == "train" else ("validation_matched" if info.name == "mnli" else "validation")
     try:
         import datasets
     except ImportError as exc:
@@ -631,9 +623,7 @@ def _load_hf(info: TaskInfo, split: str) -> LabeledData:
             f"{info.name}/{split}: loading {_HF_GLUE}/{info.name} ({hf_split}) from the Hugging Face hub "
             f"failed ({type(exc).__name__}: {exc}); check network access, or set {DATA_DIR_ENV} to local data"
         ) from exc
-    pairs: list[TextPair] = [
-        (str(a), None if b is None else str(b)) for a, b in zip(texts_a, texts_b, strict=True)
-    ]
+    pairs: list[TextPair] = [(str(a), None if b is None else str(b)) for a, b in zip(texts_a, texts_b, strict=True)]
     labels = _labels_array(info, raw_labels)
     return LabeledData(info, pairs, labels, split=split, source=f"hf:{_HF_GLUE}/{info.name}/{hf_split}")
 
@@ -775,9 +765,7 @@ def dirichlet_partition(
         raise ConfigError("num_bins and max_tries must be positive")
     n, k = len(arr), int(num_clients)
     if n < k * min_per_client:
-        raise ConfigError(
-            f"cannot give {k} clients at least {min_per_client} examples each from {n} examples"
-        )
+        raise ConfigError(f"cannot give {k} clients at least {min_per_client} examples each from {n} examples")
     rng = np.random.default_rng(seed)
 
     if math.isinf(alpha_f):
@@ -847,9 +835,7 @@ def describe(data: LabeledData) -> str:
     if data.info.is_regression:
         if len(data):
             lab = data.labels
-            parts.append(
-                f"scores mean {float(lab.mean()):.2f} in [{float(lab.min()):.2f}, {float(lab.max()):.2f}]"
-            )
+            parts.append(f"scores mean {float(lab.mean()):.2f} in [{float(lab.min()):.2f}, {float(lab.max()):.2f}]")
         else:
             parts.append("no scores")
     else:

@@ -104,12 +104,13 @@ class ModelSpec:
         checkpoint = dict(data.pop("checkpoint", {}))
         lora = dict(data.pop("lora", {}))
         training = dict(data.pop("training", {}))
+        lora_kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()}
         try:
             return cls(
                 checkpoint_path=checkpoint.pop("path", None),
                 checkpoint_package=checkpoint.pop("package", None),
                 checkpoint_subdir=checkpoint.pop("subdir", ""),
-                lora=LoraSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()}),
+                lora=LoraSettings(**lora_kwargs),
                 training=TrainingSettings(**training),
                 source=source,
                 **data,

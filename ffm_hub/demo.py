@@ -40,9 +40,9 @@ class DemoOptions:
     rounds: int = 5
     task: str | None = None
     model: str | None = None
-    samples: int = 600
-    alpha: float = 0.5
-    epochs: int = 1
+    samples: int = 900
+    alpha: float = 1.0
+    epochs: int = 2
     codec: str = "int8"
     eval_limit: int = 500
     broker_kind: str = "auto"
@@ -202,11 +202,11 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
         print(f"started a hub and {opts.clients} edge clients on {url}", flush=True)
         rows = _observe(opts, manifests, metric, hub, edges, workdir, started)
     finally:
+        if observer is not None:
+            observer.close()
         for proc in edges:
             _stop(proc)
         _stop(hub)
-        if observer is not None:
-            observer.close()
     result = {
         "task": task,
         "model": model,

@@ -127,6 +127,7 @@ class Hub:
         self.counters: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "versions": 0}
         self.rejections: dict[str, int] = {}
         self._idle = threading.Event()
+        self._recent_rejections: dict[str, Rejection] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -253,6 +254,8 @@ class Hub:
             self._count_rejection(_reason(exc))
             log.warning("dropping an unreadable chunk from %s: %s", device, exc)
             return
+        if self._answer_resend(device, chunk.transfer_id, last=chunk.index == chunk.count - 1):
+            return
         try:
             completed = self._assembler.add(frame)
         except DecodeError as exc:
@@ -260,6 +263,23 @@ class Hub:
             return
         if completed is not None:
             self._on_update(device, completed.transfer_id, completed.data)
+
+    def _answer_resend(self, device: str, transfer_id: str, *, last: bool) -> bool:
+        """A device sends an update again when it missed our answer: answer again, once per resend."""
+        accepted = self.store.get_update(transfer_id)
+        rejection = self._recent_rejections.get(transfer_id)
+        if accepted is None and rejection is None:
+            return False
+        if accepted is not None and accepted.device != device:
+            return False  # not this device's update: validation rejects it
+        if last and accepted is not None:
+            queue_length = len(self.store.queued())
+            receipt = Receipt(transfer_id, self.current_version, queue_length, True)
+            self.counters["duplicates"] += 1
+            self._send(self.topics.downlink_control(device), encode_message(receipt))
+        elif last and rejection is not None:
+            self._send(self.topics.downlink_control(device), encode_message(rejection))
+        return True
 
     def _on_control(self, device: str, payload: bytes) -> None:
         try:
@@ -411,10 +431,11 @@ class Hub:
     def _reject(self, device: str, update_id: str, reason: str, detail: str) -> None:
         self._count_rejection(reason)
         log.warning("rejected update %s from %s: %s (%s)", update_id, device, reason, detail)
-        self._send(
-            self.topics.downlink_control(device),
-            encode_message(Rejection(update_id, reason, detail[:MAX_DETAIL_CHARS])),
-        )
+        rejection = Rejection(update_id, reason, detail[:MAX_DETAIL_CHARS])
+        self._recent_rejections[update_id] = rejection
+        while len(self._recent_rejections) > 4096:  # bounded: oldest first
+            self._recent_rejections.pop(next(iter(self._recent_rejections)))
+        self._send(self.topics.downlink_control(device), encode_message(rejection))
 
     def _count_rejection(self, reason: str) -> None:
         self.counters["rejected"] += 1

@@ -264,7 +264,8 @@ class SqliteStore(HubStore):
 
     @staticmethod
     def _version_row(row: tuple[Any, ...]) -> VersionRecord:
-        return VersionRecord(*row[:7], metrics=json.loads(row[7]))
+        version, parent, sha256, size, created_at, num_updates, kind, metrics = row
+        return VersionRecord(version, parent, sha256, size, created_at, num_updates, kind, json.loads(metrics))
 
     def latest_version(self) -> VersionRecord | None:
         with self._lock:

@@ -119,9 +119,7 @@ def data_root(tmp_path: Path) -> Path:
     rte_header = ["index", "sentence1", "sentence2", "label"]
     _write(
         g / "RTE/train.tsv",
-        _tsv(
-            [rte_header, ["0", "P one.", "H one.", "not_entailment"], ["1", "P two.", "H two.", "entailment"]]
-        ),
+        _tsv([rte_header, ["0", "P one.", "H one.", "not_entailment"], ["1", "P two.", "H two.", "entailment"]]),
     )
     _write(g / "RTE/dev.tsv", _tsv([rte_header, ["0", "P.", "H.", "entailment"]]))
     # STS-B: 10 columns, float score last.
@@ -161,9 +159,7 @@ def data_root(tmp_path: Path) -> Path:
     _write(k / "SST-2/16-13/dev.tsv", _tsv([["sentence", "label"], ["ok .", "1"]]))
     _write(k / "SST-2/16-42/train.tsv", _tsv([["sentence", "label"], ["x", "1"]]))
     _write(k / "SST-2/16-42/dev.tsv", _tsv([["sentence", "label"], ["y", "0"]]))
-    _write(
-        k / "CoLA/16-13/train.tsv", _tsv([["bc01", "0", "*", "Bill seems."], ["ks08", "1", "", "She ran."]])
-    )
+    _write(k / "CoLA/16-13/train.tsv", _tsv([["bc01", "0", "*", "Bill seems."], ["ks08", "1", "", "She ran."]]))
     _write(k / "CoLA/16-13/dev.tsv", _tsv([["bc01", "1", "", "OK."]]))
     _write(
         k / "MNLI/16-13/train.tsv",
@@ -494,10 +490,7 @@ def test_hf_failures_become_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_optional_packages_are_imported_lazily() -> None:
-    code = (
-        "import sys, ffm_edge.data; "
-        "print(sorted(m for m in ('datasets', 'PIL', 'sklearn') if m in sys.modules))"
-    )
+    code = "import sys, ffm_edge.data; print(sorted(m for m in ('datasets', 'PIL', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -520,9 +513,7 @@ def test_digits_offline_split() -> None:
     assert np.array_equal(again.images, dev.images) and np.array_equal(again.labels, dev.labels)
     # no image is in both splits
     train_keys = {img.tobytes() + bytes([lab]) for img, lab in zip(train.images, train.labels, strict=True)}
-    overlap = sum(
-        img.tobytes() + bytes([lab]) in train_keys for img, lab in zip(dev.images, dev.labels, strict=True)
-    )
+    overlap = sum(img.tobytes() + bytes([lab]) in train_keys for img, lab in zip(dev.images, dev.labels, strict=True))
     assert overlap <= 5  # the digits set itself has a few exact duplicates
 
 

@@ -20,8 +20,8 @@ from ffm_edge.spec import load_model_spec
 from ffm_edge.trainer import TorchTrainer
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport, MqttTransport, Transport
 from ffm_edge.wire import decode_global, decode_update
-from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.brokers import ManagedBroker
+from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.store import SqliteStore
 
 pytestmark = pytest.mark.slow

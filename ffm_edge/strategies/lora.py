@@ -57,6 +57,6 @@ class LoraStrategy(Strategy):
             modules_to_save=list(spec.lora.modules_to_save) or None,
         )
         try:
-            return peft.get_peft_model(module, peft_config)  # type: ignore[arg-type]
+            return peft.get_peft_model(module, peft_config)
         except ValueError as exc:
             raise ConfigError(f"cannot apply LoRA to {spec.name}: {exc}") from exc

@@ -1,0 +1,102 @@
+"""The FFM wire format, shared by edge and hub: stdlib + numpy + safetensors only, never pickle.
+
+- :mod:`~ffm_edge.wire.codec`: tensors ↔ safetensors bytes (fp32 / fp16 / per-channel int8).
+- :mod:`~ffm_edge.wire.envelope`: the versioned, hashed frame around updates and global versions.
+- :mod:`~ffm_edge.wire.chunking`: large frames as hashed chunks, reassembled with bounded memory.
+- :mod:`~ffm_edge.wire.topics`: MQTT topic names and id validation.
+- :mod:`~ffm_edge.wire.messages`: small JSON control messages.
+
+Every decoder raises only :class:`ffm_edge.errors.DecodeError` subclasses on bad bytes.
+"""
+
+from __future__ import annotations
+
+from ffm_edge.wire.chunking import CHUNK_MAGIC, Chunk, ChunkAssembler, Completed, parse_chunk, split_frame
+from ffm_edge.wire.codec import (
+    CODECS,
+    SCALE_SUFFIX,
+    decode_payload,
+    decode_tensors,
+    encode_tensors,
+    quantization_step,
+)
+from ffm_edge.wire.envelope import (
+    ENVELOPE_KINDS,
+    MAGIC,
+    PROTOCOL_VERSION,
+    Envelope,
+    GlobalMeta,
+    UpdateMeta,
+    decode_global,
+    decode_update,
+    encode_global,
+    encode_update,
+    pack_envelope,
+    unpack_envelope,
+)
+from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
+from ffm_edge.wire.messages import (
+    MAX_DETAIL_CHARS,
+    MESSAGE_TYPES,
+    MESSAGE_VERSION,
+    PULL_ERROR_REASONS,
+    REJECTION_REASONS,
+    Heartbeat,
+    Hello,
+    Manifest,
+    Message,
+    PullError,
+    PullRequest,
+    Receipt,
+    Rejection,
+    decode_message,
+    encode_message,
+)
+from ffm_edge.wire.topics import TOPIC_ROOT, Topics, validate_id
+
+__all__ = [
+    "CHUNK_MAGIC",
+    "CODECS",
+    "DEFAULT_LIMITS",
+    "ENVELOPE_KINDS",
+    "MAGIC",
+    "MAX_DETAIL_CHARS",
+    "MESSAGE_TYPES",
+    "MESSAGE_VERSION",
+    "PROTOCOL_VERSION",
+    "PULL_ERROR_REASONS",
+    "REJECTION_REASONS",
+    "SCALE_SUFFIX",
+    "TOPIC_ROOT",
+    "Chunk",
+    "ChunkAssembler",
+    "Completed",
+    "Envelope",
+    "GlobalMeta",
+    "Heartbeat",
+    "Hello",
+    "Manifest",
+    "Message",
+    "PullError",
+    "PullRequest",
+    "Receipt",
+    "Rejection",
+    "Topics",
+    "UpdateMeta",
+    "WireLimits",
+    "decode_global",
+    "decode_message",
+    "decode_payload",
+    "decode_tensors",
+    "decode_update",
+    "encode_global",
+    "encode_message",
+    "encode_tensors",
+    "encode_update",
+    "pack_envelope",
+    "parse_chunk",
+    "quantization_step",
+    "split_frame",
+    "unpack_envelope",
+    "validate_id",
+]

@@ -1,0 +1,286 @@
+"""Tensor payloads: safetensors bytes in one of three codecs (never pickle).
+
+``fp32`` and ``fp16`` ship values as they are; ``int8`` ships per-channel symmetric quantized values and
+one float32 scale per index of axis 0 (a single scale for 0-d and 1-d tensors), which cuts an update to
+about a quarter of its fp32 size with an error of at most half a quantization step per element.
+
+Decoding validates the safetensors header itself, with the limits, *before* safetensors allocates
+anything, and maps every failure onto :class:`~ffm_edge.errors.DecodeError` subclasses.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+
+from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError, TruncatedError
+from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
+from ffm_edge.wire.topics import check_int, check_keys, loads_json_object
+
+__all__ = [
+    "CODECS",
+    "FORMAT_VERSION",
+    "SCALE_SUFFIX",
+    "decode_payload",
+    "decode_tensors",
+    "encode_tensors",
+    "quantization_step",
+]
+
+CODECS = ("fp32", "fp16", "int8")
+SCALE_SUFFIX = "::scale"
+FORMAT_VERSION = "1"
+
+_META_KEY = "__metadata__"
+_MAX_NDIM = 32
+_INT8_MAX = 127
+#: Largest scale whose product with any int8 value stays finite in float32.
+_MAX_SCALE = float(np.finfo(np.float32).max) / 128.0
+_TINY_SCALE = np.float32(np.finfo(np.float32).smallest_subnormal)
+_ITEMSIZE = {"F32": 4, "F16": 2, "I8": 1}
+
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    """C-contiguous without promoting 0-d arrays to 1-d (``np.ascontiguousarray`` would)."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    if "::" in name:
+        raise ValueError(f"tensor name {name!r} contains '::', which the wire reserves")
+    if name == _META_KEY:
+        raise ValueError(f"tensor name {name!r} is reserved by safetensors")
+    return name
+
+
+def _as_real_array(name: str, value: object) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"tensor {name!r} has dtype {array.dtype}; only floats and ints travel")
+    return array
+
+
+def _channel_rows(values: np.ndarray) -> np.ndarray:
+    """View ``values`` as ``(channels, rest)``: one row per index of axis 0, or one row for ndim <= 1."""
+    channels = values.shape[0] if values.ndim >= 2 else 1
+    return values.reshape(channels, values.size // channels if channels else 0)
+
+
+def _int8_scales(rows: np.ndarray, name: str) -> np.ndarray:
+    """Per-row float32 scales (``max|row| / 127``; 1.0 for an all-zero row) of a 2-d ``rows`` view.
+
+    ``max`` and ``-min`` avoid a full-size ``abs`` temporary; NaN and inf propagate into ``absmax``,
+    which is how non-finite inputs are detected without another full-size temporary.
+    """
+    channels = rows.shape[0]
+    if rows.shape[1] == 0:
+        absmax = np.zeros(channels)
+    else:
+        absmax = np.maximum(rows.max(axis=1).astype(np.float64), -rows.min(axis=1).astype(np.float64))
+    if not np.all(np.isfinite(absmax)):
+        raise ValueError(f"tensor {name!r} has non-finite values; int8 cannot carry them")
+    scales = (absmax / _INT8_MAX).astype(np.float32)
+    if np.any(scales > _MAX_SCALE):
+        raise ValueError(f"tensor {name!r} has values too large to quantize to int8")
+    scales = np.where(absmax == 0, np.float32(1.0), np.maximum(scales, _TINY_SCALE))
+    return scales.astype(np.float32)
+
+
+#: Elements quantized per step: bounds the float64 temporaries to a few MiB, whatever the tensor size.
+_BLOCK = 1 << 20
+
+
+def _quantize_int8(name: str, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = _channel_rows(array)
+    scales = _int8_scales(rows, name)
+    steps = scales.astype(np.float64)
+    quantized = np.empty(rows.shape, dtype=np.int8)
+    channels, width = rows.shape
+    row_step = max(1, _BLOCK // max(1, width))
+    col_step = max(1, min(width, _BLOCK))
+    for r in range(0, channels, row_step):
+        for c in range(0, width, col_step):
+            block = rows[r : r + row_step, c : c + col_step].astype(np.float64)
+            block /= steps[r : r + row_step, None]
+            np.rint(block, out=block)
+            np.clip(block, -_INT8_MAX, _INT8_MAX, out=block)
+            quantized[r : r + row_step, c : c + col_step] = block
+    return quantized.reshape(array.shape), scales
+
+
+def quantization_step(array: np.ndarray) -> np.ndarray:
+    """The int8 scale(s) :func:`encode_tensors` would use for ``array`` (shape ``(axis0,)`` or ``(1,)``).
+
+    Reconstruction error per element is at most half the step of its channel (plus float32 rounding).
+    ``ValueError`` for non-finite values, as with :func:`encode_tensors`.
+    """
+    return _int8_scales(_channel_rows(np.asarray(array)), "array")
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
+    """Serialize ``tensors`` with ``codec`` into safetensors bytes.
+
+    Raises ``ValueError`` for a programming error on the sender: unknown codec, bad names, non-numeric
+    dtypes, or non-finite values with ``int8``. The bytes are not canonical (safetensors orders the
+    metadata keys arbitrarily), so hash the bytes you send, never re-encoded tensors.
+    """
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
+    stored: dict[str, np.ndarray] = {}
+    for raw_name, value in tensors.items():
+        name = _check_name(raw_name)
+        array = _as_real_array(name, value)
+        if codec == "int8":
+            quantized, scales = _quantize_int8(name, array)
+            stored[name] = _c_order(quantized)
+            stored[name + SCALE_SUFFIX] = _c_order(scales)
+        else:
+            target = np.float32 if codec == "fp32" else np.float16
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values travel as inf
+                stored[name] = _c_order(array.astype(target))
+    metadata = {"ffm_codec": codec, "ffm_format": FORMAT_VERSION}
+    return safetensors.numpy.save(stored, metadata=metadata)
+
+
+def _read_header(data: bytes, limits: WireLimits) -> tuple[dict[str, Any], int]:
+    """Parse the safetensors header; return it and the size of the data section."""
+    if len(data) > limits.max_frame_bytes:
+        raise OversizedError(f"payload of {len(data)} bytes exceeds {limits.max_frame_bytes}")
+    if len(data) < 8:
+        raise TruncatedError(f"payload of {len(data)} bytes is shorter than the safetensors prefix")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise TruncatedError(f"safetensors header of {header_len} bytes exceeds the payload")
+    header = loads_json_object(data[8 : 8 + header_len], "safetensors header")
+    return header, len(data) - 8 - header_len
+
+
+def _read_codec(metadata: object) -> str:
+    if metadata is None:
+        raise MalformedError("payload has no __metadata__ (codec unknown)")
+    meta = check_keys(metadata, "payload metadata", required=("ffm_codec", "ffm_format"))
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise MalformedError("payload metadata values must be strings")
+    if meta["ffm_format"] != FORMAT_VERSION:
+        raise ProtocolVersionError(f"payload format {meta['ffm_format']!r}; this code reads format {FORMAT_VERSION!r}")
+    codec = meta["ffm_codec"]
+    if codec not in CODECS:
+        raise MalformedError(f"unknown codec {codec!r}")
+    return str(codec)
+
+
+def _expected_dtype(codec: str, name: str) -> str:
+    if codec == "int8":
+        return "F32" if name.endswith(SCALE_SUFFIX) else "I8"
+    return "F32" if codec == "fp32" else "F16"
+
+
+def _validate_entries(
+    header: dict[str, Any], data_size: int, limits: WireLimits
+) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """Check names, dtypes, shapes, offsets and limits; return the codec and ``{name: shape}``."""
+    codec = _read_codec(header.pop(_META_KEY, None))
+    if len(header) > 2 * limits.max_tensors:
+        raise OversizedError(f"payload holds {len(header)} entries; limit is {limits.max_tensors} tensors")
+    shapes: dict[str, tuple[int, ...]] = {}
+    spans: list[tuple[int, int]] = []
+    elements = 0
+    for name, entry in header.items():
+        if not name:
+            raise MalformedError("empty tensor name")
+        base = name[: -len(SCALE_SUFFIX)] if codec == "int8" and name.endswith(SCALE_SUFFIX) else name
+        if not base or "::" in base:
+            raise MalformedError(f"tensor name {name!r} is not allowed with codec {codec}")
+        fields = check_keys(entry, f"entry {name!r}", required=("dtype", "shape", "data_offsets"))
+        dtype = fields["dtype"]
+        if dtype != _expected_dtype(codec, name):
+            raise MalformedError(f"tensor {name!r} has dtype {dtype!r}, unexpected for codec {codec}")
+        shape_value = fields["shape"]
+        if not isinstance(shape_value, list) or len(shape_value) > _MAX_NDIM:
+            raise MalformedError(f"tensor {name!r} has an invalid shape")
+        shape = tuple(check_int(d, f"dimension of {name!r}", minimum=0) for d in shape_value)
+        count = math.prod(shape)
+        elements += count
+        if elements > limits.max_tensor_elements:
+            raise OversizedError(f"payload exceeds {limits.max_tensor_elements} tensor elements")
+        offsets = fields["data_offsets"]
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise MalformedError(f"tensor {name!r} has invalid data_offsets")
+        begin = check_int(offsets[0], f"offset of {name!r}", minimum=0)
+        end = check_int(offsets[1], f"offset of {name!r}", minimum=begin)
+        if end - begin != count * _ITEMSIZE[dtype]:
+            raise MalformedError(f"tensor {name!r} byte size does not match its shape")
+        shapes[name] = shape
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise MalformedError("tensor data is not contiguous")
+        position = end
+    if position > data_size:
+        raise TruncatedError(f"tensor data needs {position} bytes, payload has {data_size}")
+    if position < data_size:
+        raise MalformedError(f"payload has {data_size - position} trailing bytes")
+    tensors = {n for n in shapes if not (codec == "int8" and n.endswith(SCALE_SUFFIX))}
+    if len(tensors) > limits.max_tensors:
+        raise OversizedError(f"payload holds {len(tensors)} tensors; limit is {limits.max_tensors}")
+    if codec == "int8":
+        for name in tensors:
+            scale_shape = shapes.get(name + SCALE_SUFFIX)
+            if scale_shape is None:
+                raise MalformedError(f"int8 tensor {name!r} has no scale")
+            shape = shapes[name]
+            expected = (shape[0],) if len(shape) >= 2 else (1,)
+            if scale_shape != expected:
+                raise MalformedError(f"scale of {name!r} has shape {scale_shape}, expected {expected}")
+        for name in shapes:
+            if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in shapes:
+                raise MalformedError(f"scale {name!r} has no tensor")
+    return codec, shapes
+
+
+def _dequantize(name: str, quantized: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(scales)) or np.any(scales <= 0) or np.any(scales > _MAX_SCALE):
+        raise MalformedError(f"scale of {name!r} must be finite, positive and in range")
+    values = quantized.astype(np.float32)
+    if quantized.ndim >= 2:
+        return values * scales.reshape((-1,) + (1,) * (quantized.ndim - 1))
+    return np.array(values * scales[0], dtype=np.float32)  # a 0-d product is a scalar; keep an array
+
+
+def decode_tensors(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """Decode a payload from :func:`encode_tensors` into writable float32 arrays, sorted by name.
+
+    Raises :class:`MalformedError`, :class:`TruncatedError`, :class:`OversizedError` or
+    :class:`ProtocolVersionError` for bytes that are not a valid payload within ``limits``.
+    """
+    return decode_payload(data, limits=limits)[1]
+
+
+def decode_payload(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> tuple[str, dict[str, np.ndarray]]:
+    """Like :func:`decode_tensors`, and also return the codec the payload declares."""
+    header, data_size = _read_header(data, limits)
+    codec, shapes = _validate_entries(header, data_size, limits)
+    try:
+        loaded = safetensors.numpy.load(data)
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise MalformedError(f"safetensors rejected the payload: {exc}") from exc
+    if set(loaded) != set(shapes):
+        raise MalformedError("safetensors returned different tensors than the header lists")
+    result: dict[str, np.ndarray] = {}
+    for name in sorted(shapes):
+        if codec == "int8":
+            if name.endswith(SCALE_SUFFIX):
+                continue
+            result[name] = _dequantize(name, loaded[name], loaded[name + SCALE_SUFFIX])
+        else:
+            result[name] = loaded[name].astype(np.float32)
+    return codec, result

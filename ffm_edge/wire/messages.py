@@ -1,0 +1,263 @@
+"""Small JSON control messages between edge devices and the hub.
+
+Each message is a frozen dataclass validated on construction; on the wire it is one JSON object with
+``"v"`` (the control protocol version) and ``"type"`` next to the fields. Unknown types, unknown
+fields and wrong types are refused, so a hub and a device never guess at each other's intent.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError
+from ffm_edge.wire.codec import CODECS
+from ffm_edge.wire.envelope import MAX_MODEL_CHARS
+from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
+from ffm_edge.wire.topics import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_keys,
+    check_metrics,
+    check_optional_int,
+    check_sha256,
+    check_text,
+    dumps_json,
+    loads_json_object,
+    validate_id,
+)
+
+__all__ = [
+    "MAX_DETAIL_CHARS",
+    "MESSAGE_TYPES",
+    "MESSAGE_VERSION",
+    "PULL_ERROR_REASONS",
+    "REJECTION_REASONS",
+    "Heartbeat",
+    "Hello",
+    "Manifest",
+    "Message",
+    "PullError",
+    "PullRequest",
+    "Receipt",
+    "Rejection",
+    "decode_message",
+    "encode_message",
+]
+
+MESSAGE_VERSION = 1
+
+#: Reason codes of a :class:`Rejection` (the hub's answer to an update it refuses).
+REJECTION_REASONS = frozenset(
+    {
+        "malformed",
+        "hash_mismatch",
+        "oversized",
+        "wrong_federation",
+        "device_mismatch",
+        "unknown_tensors",
+        "shape_mismatch",
+        "non_finite",
+        "stale",
+        "protocol_version",
+        "internal",
+    }
+)
+
+#: Reason codes of a :class:`PullError` (the hub cannot serve a requested global version).
+PULL_ERROR_REASONS = frozenset({"unknown_version", "unavailable", "malformed", "internal"})
+
+#: Longest ``detail`` text of a rejection or pull error; senders should truncate longer texts.
+MAX_DETAIL_CHARS = 1024
+
+_M = TypeVar("_M", bound="_Message")
+
+
+class _Message:
+    """Shared ``to_dict``/``from_dict``; subclasses validate in ``__post_init__``."""
+
+    type: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (without ``v`` and ``type``)."""
+        result: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            result[f.name] = dict(value) if isinstance(value, dict) else value
+        return result
+
+    @classmethod
+    def from_dict(cls: builtins.type[_M], data: Mapping[str, Any]) -> _M:
+        """Build from the fields (without ``v`` and ``type``); anything off is a MalformedError."""
+        all_fields = fields(cls)  # type: ignore[arg-type]
+        required = [f.name for f in all_fields if f.default is MISSING and f.default_factory is MISSING]
+        optional = [f.name for f in all_fields if f.name not in required]
+        return cls(**check_keys(data, f"{cls.type} message", required=required, optional=optional))
+
+
+@dataclass(frozen=True)
+class Hello(_Message):
+    """Edge → hub on connect: who I am, which global version I hold, how I train."""
+
+    type: ClassVar[str] = "hello"
+
+    device: str
+    have_version: int | None
+    strategy: str
+    runtime: str = "torch"
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "device id")
+        check_optional_int(self.have_version, "have_version", minimum=0)
+        validate_id(self.strategy, "strategy")
+        validate_id(self.runtime, "runtime")
+
+
+@dataclass(frozen=True)
+class PullRequest(_Message):
+    """Edge → hub: send global ``version`` (``-1``: the latest) as chunks tagged ``transfer_id``."""
+
+    type: ClassVar[str] = "pull_request"
+    LATEST: ClassVar[int] = -1
+
+    device: str
+    version: int
+    transfer_id: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "device id")
+        check_int(self.version, "version", minimum=self.LATEST)
+        validate_id(self.transfer_id, "transfer id")
+
+
+@dataclass(frozen=True)
+class Heartbeat(_Message):
+    """Edge → hub: still alive (the hub does not rely on the broker's Last Will alone)."""
+
+    type: ClassVar[str] = "heartbeat"
+
+    device: str
+    sent_at: float
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "device id")
+        object.__setattr__(self, "sent_at", check_float(self.sent_at, "sent_at", minimum=0.0))
+
+
+@dataclass(frozen=True)
+class Receipt(_Message):
+    """Hub → edge: the update is durably accepted (the edge may now drop it from its outbox)."""
+
+    type: ClassVar[str] = "receipt"
+
+    update_id: str
+    global_version: int
+    queue_length: int
+    duplicate: bool
+
+    def __post_init__(self) -> None:
+        validate_id(self.update_id, "update id")
+        check_int(self.global_version, "global_version", minimum=0)
+        check_int(self.queue_length, "queue_length", minimum=0)
+        check_bool(self.duplicate, "duplicate")
+
+
+@dataclass(frozen=True)
+class Rejection(_Message):
+    """Hub → edge: the update is refused for ``reason`` (one of :data:`REJECTION_REASONS`)."""
+
+    type: ClassVar[str] = "rejection"
+
+    update_id: str
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.update_id, "update id")
+        check_choice(self.reason, "rejection reason", REJECTION_REASONS)
+        check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
+
+
+@dataclass(frozen=True)
+class Manifest(_Message):
+    """Hub → all (retained) and hub → device on Hello: the latest global version, small enough to poll."""
+
+    type: ClassVar[str] = "manifest"
+
+    federation: str
+    version: int
+    parent: int | None
+    sha256: str
+    size: int
+    model: str
+    strategy: str
+    codec: str
+    created_at: float
+    metrics: dict[str, float]
+    tensors: int
+
+    def __post_init__(self) -> None:
+        validate_id(self.federation, "federation id")
+        check_int(self.version, "version", minimum=0)
+        parent = check_optional_int(self.parent, "parent", minimum=0)
+        if parent is not None and parent >= self.version:
+            raise MalformedError(f"parent {parent} must be older than version {self.version}")
+        check_sha256(self.sha256, "sha256")
+        check_int(self.size, "size", minimum=0)
+        check_text(self.model, "model", max_chars=MAX_MODEL_CHARS)
+        validate_id(self.strategy, "strategy")
+        check_choice(self.codec, "codec", CODECS)
+        object.__setattr__(self, "created_at", check_float(self.created_at, "created_at", minimum=0.0))
+        object.__setattr__(self, "metrics", check_metrics(self.metrics))
+        check_int(self.tensors, "tensors", minimum=0)
+
+
+@dataclass(frozen=True)
+class PullError(_Message):
+    """Hub → edge: a :class:`PullRequest` cannot be served (``reason`` in :data:`PULL_ERROR_REASONS`)."""
+
+    type: ClassVar[str] = "pull_error"
+
+    transfer_id: str
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.transfer_id, "transfer id")
+        check_choice(self.reason, "pull error reason", PULL_ERROR_REASONS)
+        check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
+
+
+Message = Hello | PullRequest | Heartbeat | Receipt | Rejection | Manifest | PullError
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.type: cls for cls in (Hello, PullRequest, Heartbeat, Receipt, Rejection, Manifest, PullError)
+}
+
+
+def encode_message(msg: Message) -> bytes:
+    """One control message as compact JSON bytes with ``"v"`` and ``"type"``."""
+    if type(msg) not in MESSAGE_TYPES.values():
+        raise TypeError(f"not a control message: {type(msg).__name__}")
+    return dumps_json({**msg.to_dict(), "v": MESSAGE_VERSION, "type": msg.type})
+
+
+def decode_message(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate one control message; every failure is a typed DecodeError."""
+    if len(data) > limits.max_message_bytes:
+        raise OversizedError(f"control message of {len(data)} bytes exceeds {limits.max_message_bytes}")
+    obj = loads_json_object(bytes(data), "control message")
+    if "v" not in obj or "type" not in obj:
+        raise MalformedError("control message lacks 'v' or 'type'")
+    version = check_int(obj.pop("v"), "message version")
+    if version != MESSAGE_VERSION:
+        raise ProtocolVersionError(f"control message version {version}; this code speaks version {MESSAGE_VERSION}")
+    kind = obj.pop("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MalformedError(f"unknown control message type {kind!r}")
+    return cls.from_dict(obj)

@@ -1,0 +1,210 @@
+"""The hub's protocol on the in-memory transport, with plain arrays for a model (fast, no torch).
+
+Each bad input gets a rejection with its reason and changes nothing; good updates get receipts;
+τ triggers FedAvg; pulls, hellos and restarts behave.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ffm_edge.transport import InMemoryBroker, InMemoryTransport
+from ffm_edge.wire import (
+    ChunkAssembler,
+    Hello,
+    Manifest,
+    PullError,
+    PullRequest,
+    Receipt,
+    Rejection,
+    Topics,
+    UpdateMeta,
+    decode_global,
+    decode_message,
+    encode_message,
+    encode_update,
+    split_frame,
+)
+from ffm_hub.hub import Hub, HubSettings
+from ffm_hub.store import SqliteStore
+
+FED = "fed"
+STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
+
+
+class Device:
+    """A scripted device speaking the wire protocol directly."""
+
+    def __init__(self, broker: InMemoryBroker, device_id: str) -> None:
+        self.id = device_id
+        self.topics = Topics(FED)
+        self.inbox: queue.Queue[object] = queue.Queue()
+        self.assembler = ChunkAssembler()
+        self.transport = InMemoryTransport(broker, device_id)
+        self.transport.subscribe(self.topics.downlink_control(device_id), self._on_ctl)
+        self.transport.subscribe(self.topics.downlink_global(device_id), self._on_chunk)
+        self.transport.connect()
+
+    def _on_ctl(self, _topic: str, payload: bytes) -> None:
+        self.inbox.put(decode_message(payload))
+
+    def _on_chunk(self, _topic: str, payload: bytes) -> None:
+        done = self.assembler.add(payload)
+        if done is not None:
+            self.inbox.put(done)
+
+    def send_frame(self, frame: bytes, transfer_id: str, chunk_size: int = 1024) -> None:
+        for chunk in split_frame(frame, chunk_size=chunk_size, transfer_id=transfer_id):
+            self.transport.publish(self.topics.uplink_update(self.id), chunk)
+
+    def send_update(self, delta: dict[str, np.ndarray], *, n: int = 10, base: int = 0, **overrides: object) -> str:
+        fields: dict[str, object] = dict(
+            federation=FED, device=self.id, update_id=uuid.uuid4().hex, base_version=base, strategy="lora",
+            num_samples=n, codec="fp32", created_at=time.time(),
+        )  # fmt: skip
+        fields.update(overrides)
+        meta = UpdateMeta(**fields)  # type: ignore[arg-type]
+        self.send_frame(encode_update(meta, delta), meta.update_id)
+        return meta.update_id
+
+    def control(self, message: object) -> None:
+        self.transport.publish(self.topics.uplink_control(self.id), encode_message(message))
+
+    def next(self, kind: type, timeout: float = 10.0) -> object:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            item = self.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(item, kind):
+                return item
+        raise AssertionError(f"no {kind.__name__} within {timeout}s")
+
+
+@pytest.fixture()
+def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    store = SqliteStore(tmp_path / "store")
+    hub = Hub(HubSettings(federation=FED, tau=2, server_lr=1.0), transport, store, initial_state=lambda: STATE)
+    hub.start()
+    yield broker, hub, store
+    hub.stop()
+    store.close()
+
+
+def delta(a: float = 1.0, h: float = 0.0) -> dict[str, np.ndarray]:
+    return {"lora_A": np.full((2, 3), a, np.float32), "head": np.full(2, h, np.float32)}
+
+
+def test_tau_triggers_sample_weighted_fedavg(setup) -> None:  # type: ignore[no-untyped-def]
+    broker, hub, store = setup
+    d1, d2 = Device(broker, "d1"), Device(broker, "d2")
+    d1.send_update(delta(1.0, 2.0), n=10)
+    receipt = d1.next(Receipt)
+    assert receipt.queue_length == 1 and not receipt.duplicate and hub.current_version == 0
+    d2.send_update(delta(4.0, 0.0), n=30)
+    assert d2.next(Receipt).queue_length == 2
+    assert hub.wait_idle()
+    assert hub.current_version == 1
+    _, state = decode_global(store.load_version(1))
+    np.testing.assert_allclose(state["lora_A"], np.full((2, 3), (1 * 10 + 4 * 30) / 40))  # 3.25
+    np.testing.assert_allclose(state["head"], 1.0 + (2 * 10 + 0 * 30) / 40)  # 1.5
+    assert store.queued() == []
+
+
+def test_duplicate_update_is_receipted_once_and_counted_once(setup) -> None:  # type: ignore[no-untyped-def]
+    broker, hub, store = setup
+    d1 = Device(broker, "d1")
+    meta = UpdateMeta(FED, "d1", "dup-1", 0, "lora", 10, "fp32", time.time())
+    frame = encode_update(meta, delta())
+    d1.send_frame(frame, "dup-1")
+    assert d1.next(Receipt).duplicate is False
+    d1.send_frame(frame, "dup-1")  # e.g. the edge never saw the receipt and sent again
+    again = d1.next(Receipt)
+    assert again.duplicate is True and again.queue_length == 1
+    assert hub.current_version == 0 and len(store.queued()) == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: (delta(float("nan")), {}), "non_finite"),
+        (lambda: (delta(float("inf")), {}), "non_finite"),
+        (lambda: ({"lora_A": np.zeros((3, 3), np.float32)}, {}), "shape_mismatch"),
+        (lambda: ({"other": np.zeros(2, np.float32)}, {}), "unknown_tensors"),
+        (lambda: (delta(), {"federation": "elsewhere"}), "wrong_federation"),
+        (lambda: (delta(), {"device": "d9"}), "device_mismatch"),
+        (lambda: (delta(), {"base_version": 5}), "malformed"),
+    ],
+)
+def test_bad_updates_are_rejected_with_a_reason(setup, make, reason: str) -> None:  # type: ignore[no-untyped-def]
+    broker, hub, store = setup
+    d1 = Device(broker, "d1")
+    tensors, overrides = make()
+    update_id = d1.send_update(tensors, **overrides)
+    rejection = d1.next(Rejection)
+    assert (rejection.update_id, rejection.reason) == (update_id, reason)
+    assert store.queued() == [] and hub.rejections == {reason: 1}
+
+
+def test_corrupted_and_malformed_frames_are_rejected(setup) -> None:  # type: ignore[no-untyped-def]
+    broker, hub, store = setup
+    d1 = Device(broker, "d1")
+    meta = UpdateMeta(FED, "d1", "bad-1", 0, "lora", 10, "fp32", time.time())
+    frame = bytearray(encode_update(meta, delta()))
+    frame[-1] ^= 0xFF  # flip a payload byte: the envelope's sha256 no longer matches
+    d1.send_frame(bytes(frame), "bad-1")
+    assert d1.next(Rejection).reason == "hash_mismatch"
+    d1.send_frame(b"not a frame at all", "bad-2")
+    assert d1.next(Rejection).reason == "malformed"
+    d1.transport.publish(d1.topics.uplink_update("d1"), b"\x00garbage")  # not even a chunk: dropped
+    assert hub.wait_idle()
+    assert store.queued() == [] and hub.counters["accepted"] == 0
+
+
+def test_hello_gets_the_manifest_and_pull_gets_the_version(setup) -> None:  # type: ignore[no-untyped-def]
+    broker, _hub, _store = setup
+    d1 = Device(broker, "d1")
+    d1.control(Hello("d1", None, "lora"))
+    manifest = d1.next(Manifest)
+    assert manifest.version == 0 and manifest.tensors == 2
+    d1.control(PullRequest("d1", -1, "pull-1"))
+    done = d1.next(object)
+    while not hasattr(done, "transfer_id") or not hasattr(done, "data"):
+        done = d1.next(object)
+    meta, state = decode_global(done.data)
+    assert meta.version == 0 and set(state) == set(STATE)
+    d1.control(PullRequest("d1", 7, "pull-2"))
+    assert d1.next(PullError).reason == "unknown_version"
+
+
+def test_restart_resumes_the_queue_and_aggregates(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    store = SqliteStore(tmp_path / "store")
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    hub = Hub(HubSettings(federation=FED, tau=2), transport, store, initial_state=lambda: STATE)
+    hub.start()
+    d1 = Device(broker, "d1")
+    d1.send_update(delta(2.0), n=5)
+    d1.next(Receipt)
+    hub.stop()
+    store.close()
+    # A new hub process on the same store: the receipted update is still queued.
+    store = SqliteStore(tmp_path / "store")
+    hub = Hub(HubSettings(federation=FED, tau=2), transport, store, initial_state=lambda: {})
+    hub.start()
+    assert hub.current_version == 0 and len(store.queued()) == 1
+    d1.send_update(delta(4.0), n=15)
+    d1.next(Receipt)
+    assert hub.wait_idle()
+    assert hub.current_version == 1
+    np.testing.assert_allclose(hub.global_state()["lora_A"], (2 * 5 + 4 * 15) / 20)
+    hub.stop()
+    store.close()
