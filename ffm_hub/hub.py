@@ -76,6 +76,7 @@ class HubSettings:
     global_codec: str = field(default="fp32", metadata={"help": "codec of published global versions"})
     chunk_size: int = field(default=128 * 1024, metadata={"help": "bytes per MQTT message for large frames"})
     publish_timeout: float = 30.0
+    device_timeout: float = field(default=90.0, metadata={"help": "a device silent this long is offline"})
     limits: WireLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -85,6 +86,8 @@ class HubSettings:
                 validate_id(value, what)
             except DecodeError as exc:
                 errors.append(str(exc))
+        if not self.device_timeout > 0:
+            errors.append(f"device_timeout must be > 0, got {self.device_timeout}")
         if self.tau < 1:
             errors.append(f"tau must be >= 1, got {self.tau}")
         if not self.server_lr > 0:
@@ -123,7 +126,8 @@ class Hub:
         self._bytes_in = 0
         self._bytes_out = 0
         self._round_started = time.time()
-        self.devices: dict[str, float] = {}
+        self.devices: dict[str, float] = {}  # device -> when it was last heard from
+        self.online: set[str] = set()
         self.counters: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "versions": 0}
         self.rejections: dict[str, int] = {}
         self._idle = threading.Event()
@@ -218,7 +222,11 @@ class Hub:
         while True:
             if self._inbox.empty():
                 self._idle.set()
-            item = self._inbox.get()
+            try:
+                item = self._inbox.get(timeout=min(5.0, self.settings.device_timeout / 3))
+            except queue.Empty:
+                self._check_liveness()
+                continue
             if item is None:
                 return
             topic, payload = item
@@ -233,19 +241,41 @@ class Hub:
             return
         if topic.startswith(self.topics.presence_filter()[:-1]):
             device = topic.rsplit("/", 1)[-1]
-            self.devices[device] = time.time()
+            if payload == b"offline":  # a clean close, or the broker's Last Will
+                self._mark_offline(device, "said offline")
+            elif payload:
+                self._heard_from(device)
             return
         try:
             device, kind = self.topics.parse_uplink(topic)
         except DecodeError:
             log.warning("ignoring message on unexpected topic %s", topic)
             return
-        self.devices[device] = time.time()
+        self._heard_from(device)
         if kind == "update":
             self._bytes_in += len(payload)
             self._on_chunk(device, payload)
         else:
             self._on_control(device, payload)
+
+    def _heard_from(self, device: str) -> None:
+        self.devices[device] = time.time()
+        if device not in self.online:
+            self.online.add(device)
+            log.info("device %s online (%d online)", device, len(self.online))
+
+    def _mark_offline(self, device: str, why: str) -> None:
+        if device in self.online:
+            self.online.discard(device)
+            log.info("device %s offline: %s (%d online)", device, why, len(self.online))
+
+    def _check_liveness(self) -> None:
+        """Hub-side liveness: no broker reliably sends a silent device's Last Will, so time them out."""
+        now = time.time()
+        for device in list(self.online):
+            silent = now - self.devices.get(device, 0.0)
+            if silent > self.settings.device_timeout:
+                self._mark_offline(device, f"silent for {silent:.0f}s")
 
     def _on_chunk(self, device: str, frame: bytes) -> None:
         try:

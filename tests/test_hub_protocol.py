@@ -208,3 +208,27 @@ def test_restart_resumes_the_queue_and_aggregates(tmp_path: Path) -> None:
     np.testing.assert_allclose(hub.global_state()["lora_A"], (2 * 5 + 4 * 15) / 20)
     hub.stop()
     store.close()
+
+
+def test_liveness_from_messages_presence_and_timeout(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    store = SqliteStore(tmp_path / "store")
+    settings = HubSettings(federation=FED, tau=5, device_timeout=0.3)
+    hub = Hub(settings, transport, store, initial_state=lambda: STATE)
+    hub.start()
+    d1, d2 = Device(broker, "d1"), Device(broker, "d2")
+    d1.control(Hello("d1", None, "lora"))
+    d2.control(Hello("d2", None, "lora"))
+    d1.next(Manifest)
+    d2.next(Manifest)
+    assert hub.wait_idle() and hub.online == {"d1", "d2"}
+    d2.transport.publish(d2.topics.presence("d2"), b"offline")  # what a Last Will says
+    assert hub.wait_idle() and hub.online == {"d1"}
+    deadline = time.monotonic() + 5
+    while hub.online and time.monotonic() < deadline:  # d1 says nothing more: timed out
+        time.sleep(0.05)
+    assert hub.online == set()
+    hub.stop()
+    store.close()
