@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
 from ffm_edge.errors import FFMError
+from ffm_edge.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -148,12 +148,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ffm-edge``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging(args.verbose)
     try:
         if args.command == "run":
             return _run(args)

@@ -129,7 +129,7 @@ def _plain_pointwise_convs(module: nn.Module) -> None:
                 child.in_channels,
                 child.out_channels,
                 kernel_size=1,
-                stride=child.stride,
+                stride=(child.stride[0], child.stride[1]),
                 groups=child.groups,
                 bias=child.bias is not None,
             )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ffm_edge.errors import ConfigError
+from ffm_edge.fsutil import write_durably
 
 __all__ = ["Outbox", "OutboxItem"]
 
@@ -50,17 +51,7 @@ class Outbox:
     def put(self, update_id: str, frame: bytes) -> OutboxItem:
         """Store a frame durably before it is sent for the first time."""
         path = self._path(update_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(frame)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_durably(path, frame)
         return OutboxItem(update_id, path, len(frame), path.stat().st_mtime)
 
     def pending(self) -> list[OutboxItem]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -12,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ffm_edge.errors import FFMError
+from ffm_edge.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -167,12 +167,7 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ffm-hub``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging(args.verbose)
     commands = {"serve": _serve, "status": _status, "demo": _demo}
     try:
         return commands[args.command](args)

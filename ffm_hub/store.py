@@ -10,7 +10,6 @@ twice and the version never moves backwards.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -19,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ffm_edge.fsutil import write_durably
 
 __all__ = ["AcceptResult", "HubStore", "QueuedUpdate", "SqliteStore", "VersionRecord"]
 
@@ -105,20 +106,6 @@ class HubStore(ABC):
         """Release resources."""
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -183,7 +170,7 @@ class SqliteStore(HubStore):
         with self._lock:
             existing = self._db.execute("SELECT 1 FROM updates WHERE update_id = ?", (update.update_id,)).fetchone()
             if existing is None:
-                _write_durably(self._update_path(update.update_id), frame)
+                write_durably(self._update_path(update.update_id), frame)
                 self._db.execute(
                     "INSERT INTO updates (update_id, device, base_version, num_samples, strategy, codec, size,"
                     " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -232,7 +219,7 @@ class SqliteStore(HubStore):
             latest = self._db.execute("SELECT MAX(version) FROM versions").fetchone()[0]
             if latest is not None and record.version <= latest:
                 raise ValueError(f"version {record.version} is not newer than stored version {latest}")
-            _write_durably(self._version_path(record.version), frame)
+            write_durably(self._version_path(record.version), frame)
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(

@@ -70,15 +70,41 @@ def test_round_trip_every_codec_dtype_and_shape(codec: str, dtype: Any, shape: t
         np.testing.assert_array_equal(out, original.astype(np.float16).astype(np.float32))
         np.testing.assert_allclose(out, exact, rtol=2**-10, atol=0)
     else:
-        steps = quantization_step(original)
+        steps = quantization_step(original)  # broadcastable against the tensor
         bound = steps.astype(np.float64) / 2 * (1 + 1e-5)
         error = np.abs(out.astype(np.float64) - exact)
-        if original.ndim >= 2:
-            bound = bound.reshape((-1,) + (1,) * (original.ndim - 1))
         assert np.all(error <= bound)
 
 
-@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 3), (9,), ()])
+@pytest.mark.parametrize(
+    ("shape", "scale_shape"),
+    [
+        ((384, 8), (1, 8)),  # LoRA lora_B: 8 column scales, not 384 row scales
+        ((8, 384), (8, 1)),  # LoRA lora_A: 8 row scales
+        ((10, 10), (10, 1)),  # tie: axis 0
+        ((1, 1), (1, 1)),
+        ((6, 5), (1, 5)),
+        ((5, 6), (5, 1)),
+        ((4, 3, 3, 3), (1, 1, 1, 3)),
+        ((2, 5, 3), (2, 1, 1)),
+        ((3, 7, 3), (3, 1, 1)),
+        ((0, 5), (0, 1)),
+        ((3, 0), (1, 0)),
+        ((9,), (1,)),
+        ((0,), (1,)),
+        ((), (1,)),
+    ],
+)
+def test_int8_picks_the_axis_with_fewest_scales(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> None:
+    original = _sample(shape, np.float32, seed=4)
+    stored = _stored(encode_tensors({"w": original}, "int8"))
+    assert stored["w" + SCALE_SUFFIX].shape == scale_shape
+    assert quantization_step(original).shape == scale_shape
+    decoded = decode_tensors(encode_tensors({"w": original}, "int8"))["w"]
+    assert decoded.shape == shape and decoded.dtype == np.float32
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (5, 6), (4, 3, 3, 3), (2, 5, 3), (9,), ()])
 def test_int8_scales_are_per_channel_and_stored_as_float32(shape: tuple[int, ...]) -> None:
     original = _sample(shape, np.float32, seed=3)
     stored = _stored(encode_tensors({"w": original}, "int8"))
@@ -86,22 +112,67 @@ def test_int8_scales_are_per_channel_and_stored_as_float32(shape: tuple[int, ...
     assert stored["w"].dtype == np.int8 and stored["w"].shape == shape
     scale = stored["w" + SCALE_SUFFIX]
     assert scale.dtype == np.float32
-    if len(shape) >= 2:
-        assert scale.shape == (shape[0],)
-        rows = np.abs(original.reshape(shape[0], -1).astype(np.float64)).max(axis=1)
-        np.testing.assert_allclose(scale, rows / 127, rtol=1e-6)
+    magnitude = np.abs(original.astype(np.float64))
+    if len(shape) >= 2 and shape[-1] < shape[0]:
+        assert scale.shape == (1,) * (len(shape) - 1) + (shape[-1],)
+        columns = magnitude.reshape(-1, shape[-1]).max(axis=0)
+        np.testing.assert_allclose(scale.reshape(-1), columns / 127, rtol=1e-6)
+    elif len(shape) >= 2:
+        assert scale.shape == (shape[0],) + (1,) * (len(shape) - 1)
+        rows = magnitude.reshape(shape[0], -1).max(axis=1)
+        np.testing.assert_allclose(scale.reshape(-1), rows / 127, rtol=1e-6)
     else:
         assert scale.shape == (1,)
-        np.testing.assert_allclose(scale[0], np.abs(original).max() / 127, rtol=1e-6)
+        np.testing.assert_allclose(scale[0], magnitude.max() / 127, rtol=1e-6)
     np.testing.assert_array_equal(scale, quantization_step(original))
     assert np.abs(stored["w"]).max() == 127
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_int8_error_bound_uses_the_scale_of_each_elements_channel(transpose: bool) -> None:
+    """Channels of very different magnitude: each element is within half a step of *its* channel."""
+    rng = np.random.default_rng(11)
+    lora_b = rng.normal(size=(384, 8)) * 10.0 ** np.arange(-4, 4)  # column j has magnitude 10**(j-4)
+    lora_b[:, 2] = 0.0  # an all-zero channel gets scale 1.0 and decodes to exact zeros
+    original = lora_b.T if transpose else lora_b  # (8, 384): the same channels along axis 0
+    payload = encode_tensors({"w": original}, "int8")
+    scale = _stored(payload)["w" + SCALE_SUFFIX].astype(np.float64)
+    channel_absmax = np.abs(lora_b).max(axis=0)
+    expected = np.where(channel_absmax == 0, 1.0, channel_absmax / 127)
+    if transpose:
+        assert scale.shape == (8, 1)
+        np.testing.assert_allclose(scale[:, 0], expected, rtol=1e-6)
+    else:
+        assert scale.shape == (1, 8)
+        np.testing.assert_allclose(scale[0], expected, rtol=1e-6)
+    decoded = decode_tensors(payload)["w"].astype(np.float64)
+    error = np.abs(decoded - original)
+    assert np.all(error <= np.broadcast_to(scale, original.shape) / 2 * (1 + 1e-5))
+    zero_channel = decoded[2] if transpose else decoded[:, 2]
+    np.testing.assert_array_equal(zero_channel, 0.0)
+    # the small channels keep their precision: a single tensor-wide scale would round them all to zero
+    small = (slice(0, 2), slice(None)) if transpose else (slice(None), slice(0, 2))
+    assert np.all(error[small] <= np.abs(original[small]).max() / 127)
+    assert np.count_nonzero(decoded[small]) > 0
+
+
+@pytest.mark.parametrize("axis", [0, -1])
+def test_int8_decodes_either_allowed_scale_layout(axis: int) -> None:
+    """The decoder takes both broadcast layouts, even the one the encoder would not pick for the shape."""
+    quantized = np.array([[1, -2, 3], [4, 5, -6]], np.int8)  # (2, 3): the encoder would use axis 0
+    scale = np.array([[0.5], [2.0]], np.float32) if axis == 0 else np.array([[0.5, 1.0, 2.0]], np.float32)
+    payload = safetensors.numpy.save(
+        {"w": quantized, "w" + SCALE_SUFFIX: scale}, metadata={"ffm_codec": "int8", "ffm_format": "1"}
+    )
+    decoded = decode_tensors(payload)["w"]
+    np.testing.assert_array_equal(decoded, quantized.astype(np.float32) * scale)
 
 
 def test_int8_all_zero_rows_get_unit_scale_and_decode_to_zero() -> None:
     original = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
     payload = encode_tensors({"w": original, "z": np.zeros(4)}, "int8")
     stored = _stored(payload)
-    np.testing.assert_array_equal(stored["w" + SCALE_SUFFIX], np.array([1.0, 2 / 127, 1.0], np.float32))
+    np.testing.assert_array_equal(stored["w" + SCALE_SUFFIX], np.array([[1.0], [2 / 127], [1.0]], np.float32))
     np.testing.assert_array_equal(stored["z" + SCALE_SUFFIX], np.array([1.0], np.float32))
     decoded = decode_tensors(payload)
     np.testing.assert_array_equal(decoded["w"][[0, 2]], 0.0)
@@ -116,13 +187,16 @@ def test_int8_handles_tiny_values_within_the_bound() -> None:
     assert np.all(np.abs(decoded.astype(np.float64) - original) <= step / 2 * (1 + 1e-5) + 1e-45)
 
 
-@pytest.mark.parametrize("shape", [(50,), (3, 40), (40, 3), (2, 3, 7, 5)])
-def test_int8_blockwise_quantization_matches_one_block(shape: tuple[int, ...], monkeypatch: Any) -> None:
+@pytest.mark.parametrize("block", [7, 2])
+@pytest.mark.parametrize("shape", [(50,), (3, 40), (40, 3), (2, 3, 7, 5), (7, 5, 3), (30, 4, 2)])
+def test_int8_blockwise_quantization_matches_one_block(
+    shape: tuple[int, ...], block: int, monkeypatch: Any
+) -> None:
     import ffm_edge.wire.codec as codec_module
 
     original = _sample(shape, np.float64, seed=5)
     whole = _stored(encode_tensors({"w": original}, "int8"))
-    monkeypatch.setattr(codec_module, "_BLOCK", 7)
+    monkeypatch.setattr(codec_module, "_BLOCK", block)
     blocked = _stored(encode_tensors({"w": original}, "int8"))
     np.testing.assert_array_equal(blocked["w"], whole["w"])
     np.testing.assert_array_equal(blocked["w" + SCALE_SUFFIX], whole["w" + SCALE_SUFFIX])
@@ -229,7 +303,31 @@ def test_decode_rejects_int8_tensor_without_scale_and_scale_without_tensor() -> 
         decode_tensors(lonely_scale)
 
 
-@pytest.mark.parametrize(("shape", "scale_shape"), [((3, 2), (2,)), ((3, 2), (1,)), ((4,), (4,)), ((), ())])
+@pytest.mark.parametrize(
+    ("shape", "scale_shape"),
+    [
+        ((3, 2), (2,)),
+        ((3, 2), (3,)),  # the former axis-0 layout: no longer valid
+        ((3, 2), (1,)),
+        ((3, 2), (1, 1)),
+        ((3, 2), (2, 1)),
+        ((3, 2), (1, 3)),
+        ((3, 2), (3, 2)),
+        ((3, 2), (3, 1, 1)),
+        ((3, 2), (1, 1, 2)),
+        ((3, 2), ()),
+        ((384, 8), (8,)),
+        ((384, 8), (1, 1, 8)),
+        ((4, 3, 5), (4, 1)),
+        ((4, 3, 5), (1, 5)),
+        ((4, 3, 5), (1, 3, 1)),
+        ((4, 3, 5), (4, 1, 5)),
+        ((3, 0), (1, 1)),
+        ((4,), (4,)),
+        ((4,), (1, 1)),
+        ((), ()),
+    ],
+)
 def test_decode_rejects_wrong_scale_shape(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> None:
     tensors: dict[str, np.ndarray] = {
         "w": np.zeros(shape, np.int8),

@@ -1,8 +1,12 @@
 """Tensor payloads: safetensors bytes in one of three codecs (never pickle).
 
 ``fp32`` and ``fp16`` ship values as they are; ``int8`` ships per-channel symmetric quantized values and
-one float32 scale per index of axis 0 (a single scale for 0-d and 1-d tensors), which cuts an update to
-about a quarter of its fp32 size with an error of at most half a quantization step per element.
+float32 scales, which cuts an update to about a quarter of its fp32 size with an error of at most half a
+quantization step per element. A 0-d or 1-d tensor gets a single scale, of shape ``(1,)``. A tensor of
+``ndim >= 2`` is quantized per channel along axis 0 or along its last axis, whichever needs fewer scales
+(axis 0 on a tie), and its scale tensor has the broadcastable shape that names the axis:
+``(shape[0], 1, ..., 1)`` for axis 0, ``(1, ..., 1, shape[-1])`` for the last axis. So a LoRA ``lora_B``
+of 384×8 carries 8 scales, not 384. The decoder accepts either of the two shapes and nothing else.
 
 Decoding validates the safetensors header itself, with the limits, *before* safetensors allocates
 anything, and maps every failure onto :class:`~ffm_edge.errors.DecodeError` subclasses.
@@ -68,23 +72,51 @@ def _as_real_array(name: str, value: object) -> np.ndarray:
     return array
 
 
-def _channel_rows(values: np.ndarray) -> np.ndarray:
-    """View ``values`` as ``(channels, rest)``: one row per index of axis 0, or one row for ndim <= 1."""
+def _channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether int8 quantizes ``shape`` per index of its last axis (fewer scales than axis 0; ties: axis 0)."""
+    return len(shape) >= 2 and shape[-1] < shape[0]
+
+
+def _scale_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Every scale shape the wire allows for an int8 tensor of ``shape`` (axis 0 first)."""
+    if len(shape) <= 1:
+        return ((1,),)
+    ones = (1,) * (len(shape) - 1)
+    return ((shape[0], *ones), (*ones, shape[-1]))
+
+
+def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The scale shape the encoder writes for an int8 tensor of ``shape``."""
+    allowed = _scale_shapes(shape)
+    return allowed[1] if _channels_last(shape) else allowed[0]
+
+
+def _channel_view(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """View ``values`` as 2-d with the channels along one axis; return the view and that axis (0 or 1).
+
+    Axis 0 channels give ``(shape[0], rest)`` with one row per channel (one row for ndim <= 1); last-axis
+    channels give ``(rest, shape[-1])`` with one column per channel. C-contiguous input reshapes to a view.
+    """
+    if _channels_last(values.shape):
+        channels = values.shape[-1]
+        return values.reshape(values.size // channels if channels else 0, channels), 1
     channels = values.shape[0] if values.ndim >= 2 else 1
-    return values.reshape(channels, values.size // channels if channels else 0)
+    return values.reshape(channels, values.size // channels if channels else 0), 0
 
 
-def _int8_scales(rows: np.ndarray, name: str) -> np.ndarray:
-    """Per-row float32 scales (``max|row| / 127``; 1.0 for an all-zero row) of a 2-d ``rows`` view.
+def _int8_scales(view: np.ndarray, axis: int, name: str) -> np.ndarray:
+    """Per-channel float32 scales (``max|channel| / 127``; 1.0 for an all-zero channel) of a 2-d view.
 
+    The channels of ``view`` run along ``axis`` (0: rows, 1: columns); the result is 1-d, one per channel.
     ``max`` and ``-min`` avoid a full-size ``abs`` temporary; NaN and inf propagate into ``absmax``,
     which is how non-finite inputs are detected without another full-size temporary.
     """
-    channels = rows.shape[0]
-    if rows.shape[1] == 0:
+    channels = view.shape[axis]
+    over = 1 - axis
+    if view.shape[over] == 0:
         absmax = np.zeros(channels)
     else:
-        absmax = np.maximum(rows.max(axis=1).astype(np.float64), -rows.min(axis=1).astype(np.float64))
+        absmax = np.maximum(view.max(axis=over).astype(np.float64), -view.min(axis=over).astype(np.float64))
     if not np.all(np.isfinite(absmax)):
         raise ValueError(f"tensor {name!r} has non-finite values; int8 cannot carry them")
     scales = (absmax / _INT8_MAX).astype(np.float32)
@@ -99,30 +131,35 @@ _BLOCK = 1 << 20
 
 
 def _quantize_int8(name: str, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rows = _channel_rows(array)
-    scales = _int8_scales(rows, name)
-    steps = scales.astype(np.float64)
-    quantized = np.empty(rows.shape, dtype=np.int8)
-    channels, width = rows.shape
+    """Quantize ``array`` block by block; return the int8 values and the scales in their wire shape."""
+    view, axis = _channel_view(array)
+    scales = _int8_scales(view, axis, name)
+    steps = scales.astype(np.float64).reshape((-1, 1) if axis == 0 else (1, -1))
+    quantized = np.empty(view.shape, dtype=np.int8)
+    height, width = view.shape
     row_step = max(1, _BLOCK // max(1, width))
     col_step = max(1, min(width, _BLOCK))
-    for r in range(0, channels, row_step):
+    for r in range(0, height, row_step):
         for c in range(0, width, col_step):
-            block = rows[r : r + row_step, c : c + col_step].astype(np.float64)
-            block /= steps[r : r + row_step, None]
+            block = view[r : r + row_step, c : c + col_step].astype(np.float64)
+            block /= steps[r : r + row_step, :] if axis == 0 else steps[:, c : c + col_step]
             np.rint(block, out=block)
             np.clip(block, -_INT8_MAX, _INT8_MAX, out=block)
             quantized[r : r + row_step, c : c + col_step] = block
-    return quantized.reshape(array.shape), scales
+    return quantized.reshape(array.shape), scales.reshape(_scale_shape(array.shape))
 
 
 def quantization_step(array: np.ndarray) -> np.ndarray:
-    """The int8 scale(s) :func:`encode_tensors` would use for ``array`` (shape ``(axis0,)`` or ``(1,)``).
+    """The int8 scales :func:`encode_tensors` would store for ``array``, in their wire shape.
 
+    That is ``(1,)`` for ndim <= 1, else ``(shape[0], 1, ..., 1)`` or ``(1, ..., 1, shape[-1])``
+    (whichever axis has fewer channels; axis 0 on a tie), so the result broadcasts against ``array``.
     Reconstruction error per element is at most half the step of its channel (plus float32 rounding).
     ``ValueError`` for non-finite values, as with :func:`encode_tensors`.
     """
-    return _int8_scales(_channel_rows(np.asarray(array)), "array")
+    values = np.asarray(array)
+    view, axis = _channel_view(values)
+    return _int8_scales(view, axis, "array").reshape(_scale_shape(values.shape))
 
 
 def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
@@ -237,9 +274,9 @@ def _validate_entries(
             scale_shape = shapes.get(name + SCALE_SUFFIX)
             if scale_shape is None:
                 raise MalformedError(f"int8 tensor {name!r} has no scale")
-            shape = shapes[name]
-            expected = (shape[0],) if len(shape) >= 2 else (1,)
-            if scale_shape != expected:
+            allowed = _scale_shapes(shapes[name])
+            if scale_shape not in allowed:
+                expected = " or ".join(str(s) for s in allowed)
                 raise MalformedError(f"scale of {name!r} has shape {scale_shape}, expected {expected}")
         for name in shapes:
             if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in shapes:
@@ -251,8 +288,9 @@ def _dequantize(name: str, quantized: np.ndarray, scales: np.ndarray) -> np.ndar
     if not np.all(np.isfinite(scales)) or np.any(scales <= 0) or np.any(scales > _MAX_SCALE):
         raise MalformedError(f"scale of {name!r} must be finite, positive and in range")
     values = quantized.astype(np.float32)
-    if quantized.ndim >= 2:
-        return values * scales.reshape((-1,) + (1,) * (quantized.ndim - 1))
+    if quantized.ndim >= 1:
+        values *= scales  # validated shapes: (1,), (shape[0], 1, ..., 1) or (1, ..., 1, shape[-1])
+        return values
     return np.array(values * scales[0], dtype=np.float32)  # a 0-d product is a scalar; keep an array
 
 
