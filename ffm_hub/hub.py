@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,12 +110,18 @@ class Hub:
         initial_state: Callable[[], Mapping[str, np.ndarray]],
         evaluate: Evaluator | None = None,
         on_version: Callable[[VersionRecord], None] | None = None,
+        strategy_tensors: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         self.settings = settings
         self.transport = transport
         self.store = store
         self.topics = Topics(settings.federation)
         self._initial_state = initial_state
+        # Which tensors each strategy trains, in a federation of mixed strategies (None: any subset).
+        self._strategy_tensors = (
+            {name: frozenset(names) for name, names in strategy_tensors.items()} if strategy_tensors else None
+        )
+        self._variant_cache: dict[tuple[int, str], bytes] = {}
         self._evaluate = evaluate
         self._on_version = on_version
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
@@ -330,10 +336,25 @@ class Hub:
             error = PullError(request.transfer_id, "unknown_version", f"no version {version}")
             self._send(self.topics.downlink_control(device), encode_message(error))
             return
-        frame = self.store.load_version(version)
+        frame = self._frame_for(version, request.strategy)
         for chunk in split_frame(frame, chunk_size=self.settings.chunk_size, transfer_id=request.transfer_id):
             self._bytes_out += len(chunk)
             self._send(self.topics.downlink_global(device), chunk)
+
+    def _frame_for(self, version: int, strategy: str | None) -> bytes:
+        """The stored version, or only the tensors ``strategy`` trains (a device pulls what it needs)."""
+        frame = self.store.load_version(version)
+        wanted = None if self._strategy_tensors is None or strategy is None else self._strategy_tensors.get(strategy)
+        if wanted is None:
+            return frame
+        key = (version, strategy or "")
+        if key not in self._variant_cache:
+            meta, state = decode_global(frame, limits=self.settings.limits)
+            if set(state) <= wanted:
+                return frame
+            variant = GlobalMeta(**{**meta.to_dict(), "strategy": strategy})
+            self._variant_cache = {key: encode_global(variant, {k: v for k, v in state.items() if k in wanted})}
+        return self._variant_cache[key]
 
     # -- updates --------------------------------------------------------------------------------------
     def _on_update(self, device: str, transfer_id: str, frame: bytes) -> None:
@@ -388,6 +409,13 @@ class Hub:
             return None  # a duplicate of an accepted update: receipt it again
         if meta.base_version > self.current_version:
             return "malformed", f"base version {meta.base_version} is newer than the hub's {self.current_version}"
+        if self._strategy_tensors is not None:
+            allowed = self._strategy_tensors.get(meta.strategy)
+            if allowed is None:
+                return "unknown_strategy", f"this federation trains {sorted(self._strategy_tensors)}"
+            outside = sorted(set(tensors) - allowed)
+            if outside:
+                return "unknown_tensors", f"not trained by {meta.strategy}: {outside[:3]}"
         unknown = sorted(set(tensors) - set(self._global))
         if unknown or not tensors:
             return "unknown_tensors", f"not in the global model: {unknown[:3]}" if unknown else "no tensors"

@@ -232,3 +232,46 @@ def test_liveness_from_messages_presence_and_timeout(tmp_path: Path) -> None:
     assert hub.online == set()
     hub.stop()
     store.close()
+
+
+def test_mixed_strategies_aggregate_per_tensor_and_pull_their_own_tensors(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    store = SqliteStore(tmp_path / "store")
+    union = {"lora_A": np.zeros(3, np.float32), "prompt": np.zeros(4, np.float32), "head": np.zeros(2, np.float32)}
+    hub = Hub(
+        HubSettings(federation=FED, tau=2),
+        transport,
+        store,
+        initial_state=lambda: union,
+        strategy_tensors={"lora": ["lora_A", "head"], "prompt": ["prompt", "head"]},
+    )
+    hub.start()
+    d1, d2 = Device(broker, "d1"), Device(broker, "d2")
+    # A LoRA device may not send prompt tensors, and an unknown strategy is refused.
+    d1.send_update({"prompt": np.ones(4, np.float32)}, strategy="lora")
+    assert d1.next(Rejection).reason == "unknown_tensors"
+    d1.send_update({"head": np.ones(2, np.float32)}, strategy="full_q8")
+    assert d1.next(Rejection).reason == "unknown_strategy"
+    d1.send_update({"lora_A": np.full(3, 2.0, np.float32), "head": np.full(2, 1.0, np.float32)}, n=10)
+    d1.next(Receipt)
+    d2.send_update(
+        {"prompt": np.full(4, 5.0, np.float32), "head": np.full(2, 4.0, np.float32)}, n=30, strategy="prompt"
+    )
+    d2.next(Receipt)
+    assert hub.wait_idle() and hub.current_version == 1
+    state = hub.global_state()
+    np.testing.assert_allclose(state["lora_A"], 2.0)  # only the LoRA device trained it: its delta, undiluted
+    np.testing.assert_allclose(state["prompt"], 5.0)  # only the prompt device
+    np.testing.assert_allclose(state["head"], (1.0 * 10 + 4.0 * 30) / 40)  # both, weighted by n_k
+    # Each device pulls only what its strategy trains.
+    d2.control(PullRequest("d2", -1, "pull-p", "prompt"))
+    done = d2.next(object)
+    while not hasattr(done, "data"):
+        done = d2.next(object)
+    meta, pulled = decode_global(done.data)
+    assert meta.version == 1 and meta.strategy == "prompt" and set(pulled) == {"prompt", "head"}
+    np.testing.assert_allclose(pulled["head"], 3.25)
+    hub.stop()
+    store.close()

@@ -189,9 +189,7 @@ def test_int8_handles_tiny_values_within_the_bound() -> None:
 
 @pytest.mark.parametrize("block", [7, 2])
 @pytest.mark.parametrize("shape", [(50,), (3, 40), (40, 3), (2, 3, 7, 5), (7, 5, 3), (30, 4, 2)])
-def test_int8_blockwise_quantization_matches_one_block(
-    shape: tuple[int, ...], block: int, monkeypatch: Any
-) -> None:
+def test_int8_blockwise_quantization_matches_one_block(shape: tuple[int, ...], block: int, monkeypatch: Any) -> None:
     import ffm_edge.wire.codec as codec_module
 
     original = _sample(shape, np.float64, seed=5)

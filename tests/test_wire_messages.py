@@ -92,6 +92,7 @@ def test_rejection_reasons_are_the_documented_set() -> None:
         "wrong_federation",
         "device_mismatch",
         "unknown_tensors",
+        "unknown_strategy",
         "shape_mismatch",
         "non_finite",
         "stale",
@@ -101,6 +102,15 @@ def test_rejection_reasons_are_the_documented_set() -> None:
     for reason in REJECTION_REASONS:
         assert decode_message(encode_message(Rejection("u", reason, ""))).reason == reason  # type: ignore[union-attr]
     assert "unknown_version" in PULL_ERROR_REASONS
+
+
+def test_pull_request_strategy_is_optional_and_validated() -> None:
+    old = decode_message(b'{"v":1,"type":"pull_request","device":"d","version":-1,"transfer_id":"t"}')
+    assert isinstance(old, PullRequest) and old.strategy is None
+    new = decode_message(encode_message(PullRequest("d", 3, "t", "prompt")))
+    assert isinstance(new, PullRequest) and new.strategy == "prompt"
+    with pytest.raises(MalformedError):
+        decode_message(b'{"v":1,"type":"pull_request","device":"d","version":-1,"transfer_id":"t","strategy":"a/b"}')
 
 
 def test_hello_defaults_to_torch() -> None:

@@ -60,6 +60,7 @@ REJECTION_REASONS = frozenset(
         "wrong_federation",
         "device_mismatch",
         "unknown_tensors",
+        "unknown_strategy",
         "shape_mismatch",
         "non_finite",
         "stale",
@@ -127,11 +128,14 @@ class PullRequest(_Message):
     device: str
     version: int
     transfer_id: str
+    strategy: str | None = None  # only the tensors this strategy trains (None: every tensor)
 
     def __post_init__(self) -> None:
         validate_id(self.device, "device id")
         check_int(self.version, "version", minimum=self.LATEST)
         validate_id(self.transfer_id, "transfer id")
+        if self.strategy is not None:
+            validate_id(self.strategy, "strategy")
 
 
 @dataclass(frozen=True)
