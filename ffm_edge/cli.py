@@ -10,7 +10,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from ffm_edge.errors import FFMError
@@ -135,10 +134,10 @@ def _run(args: argparse.Namespace) -> int:
         on_progress=on_progress,
         on_round=on_round,
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: client.stop())
+    signal.signal(signal.SIGINT, lambda *_: client.stop())
     with client:
-        results = client.run_forever(args.rounds, stop=stop)
+        results = client.run_forever(args.rounds)
     if bar is not None:
         bar.close()
     log.info("%s finished %d rounds", device_id, len(results))

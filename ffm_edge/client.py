@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ffm_edge.data import LabeledData
-from ffm_edge.errors import ConfigError, DecodeError, RejectedUpdateError, TransportError
+from ffm_edge.errors import ConfigError, DecodeError, FFMError, RejectedUpdateError, TransportError
 from ffm_edge.outbox import Outbox
 from ffm_edge.spec import ModelSpec, load_model_spec
 from ffm_edge.trainer import TorchTrainer, TrainReport
@@ -46,9 +46,13 @@ from ffm_edge.wire import (
     validate_id,
 )
 
-__all__ = ["EdgeClient", "ProgressEvent", "RoundResult"]
+__all__ = ["ClientStopped", "EdgeClient", "ProgressEvent", "RoundResult"]
 
 log = logging.getLogger("ffm.edge")
+
+
+class ClientStopped(FFMError):
+    """A round was interrupted by :meth:`EdgeClient.stop`; pending updates stay in the outbox."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ class EdgeClient:
         self._global: dict[str, np.ndarray] = {}
         self._last_base: int | None = None
         self._rounds = 0
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set by close(): ends the heartbeat thread
+        self._abort = threading.Event()  # set by stop(): ends any wait of a running round
         self._heartbeat: threading.Thread | None = None
 
     # -- connection -----------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ class EdgeClient:
         while True:
             remaining = deadline - time.monotonic()
             with self._cond:
-                if self._cond.wait_for(ready, max(0.0, min(remaining, 5.0))):
+                if self._wait(ready, max(0.0, min(remaining, 5.0))):
                     assert self._manifest is not None
                     return self._manifest
             if time.monotonic() >= deadline:
@@ -296,7 +301,7 @@ class EdgeClient:
             self._progress("pull", 0, 1, f"requesting version {version if version >= 0 else 'latest'}")
             transport.publish(self.topics.uplink_control(self.device_id), encode_message(request))
             with self._cond:
-                ok = self._cond.wait_for(partial(self._pull_done, transfer_id), self.pull_timeout)
+                ok = self._wait(partial(self._pull_done, transfer_id), self.pull_timeout)
                 frame = self._pull_frames.pop(transfer_id, None)
                 error = self._pull_errors.pop(transfer_id, None)
             if error is not None:
@@ -306,6 +311,24 @@ class EdgeClient:
             log.warning("pull of version %s timed out (attempt %d), asking again", version, attempt)
             self._assembler.forget(transfer_id)
         raise TransportError(f"could not download global version {version} after 3 attempts")
+
+    def stop(self) -> None:
+        """Ask a running round to end at its next wait (safe from a signal handler or another thread)."""
+        self._abort.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """``Condition.wait_for`` that also ends when :meth:`stop` is called (call with the lock held)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self._abort.is_set():
+                raise ClientStopped("the client was stopped")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._cond.wait(min(remaining, 0.5))
+        return True
 
     def _pull_done(self, transfer_id: str) -> bool:
         return transfer_id in self._pull_frames or transfer_id in self._pull_errors
@@ -343,7 +366,7 @@ class EdgeClient:
                 self._progress("upload", i, len(chunks), update_id)
             self._progress("wait", 0, 1, f"waiting for the receipt of {update_id}")
             with self._cond:
-                self._cond.wait_for(lambda: update_id in self._results, self.receipt_timeout)
+                self._wait(lambda: update_id in self._results, self.receipt_timeout)
                 result = self._results.pop(update_id, None)
             if isinstance(result, Receipt):
                 self.outbox.acknowledge(update_id)
@@ -353,7 +376,8 @@ class EdgeClient:
                 raise RejectedUpdateError(update_id, result.reason, result.detail)
             delay = min(2.0**attempt, 30.0)
             log.warning("no receipt for %s (attempt %d), sending again in %.0fs", update_id, attempt, delay)
-            time.sleep(delay)
+            if self._abort.wait(delay):
+                raise ClientStopped("stopped while sending")
         raise TransportError(
             f"no receipt for update {update_id} after {self.max_send_attempts} attempts; "
             "it stays in the outbox and is sent again later"
@@ -412,23 +436,34 @@ class EdgeClient:
         return result
 
     def run_forever(self, rounds: int | None = None, *, stop: threading.Event | None = None) -> list[RoundResult]:
-        """Run rounds until ``rounds`` are done or ``stop`` is set; transient failures are retried."""
+        """Run rounds until ``rounds`` are done or :meth:`stop` is called; transient failures are retried.
+
+        ``stop`` is an optional event that has the same effect as calling :meth:`stop`.
+        """
         results: list[RoundResult] = []
         failures = 0
-        while (rounds is None or len(results) < rounds) and not (stop is not None and stop.is_set()):
+        watcher = None
+        if stop is not None:
+
+            def watch() -> None:
+                stop.wait()
+                self.stop()
+
+            watcher = threading.Thread(target=watch, name="ffm-stop-watcher", daemon=True)
+            watcher.start()
+        while (rounds is None or len(results) < rounds) and not self._abort.is_set():
             try:
                 results.append(self.run_round())
                 failures = 0
+            except ClientStopped:
+                break
             except RejectedUpdateError as exc:
                 log.warning("%s; training again on the next round", exc)
             except TransportError as exc:
                 failures += 1
                 delay = min(2.0**failures, 60.0)
                 log.warning("round failed (%s); retrying in %.0fs", exc, delay)
-                if stop is not None and stop.wait(delay):
-                    break
-                if stop is None:
-                    time.sleep(delay)
+                self._abort.wait(delay)
         return results
 
     def _progress(self, stage: str, done: int, total: int, detail: str = "") -> None:

@@ -162,6 +162,11 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
         "--broker-port", str(port), "--eval-limit", str(opts.eval_limit), "--threads", "1",
     ]  # fmt: skip
     print(f"logs:  {workdir}", flush=True)
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # so the clean-up below stops every child
+
+    signal.signal(signal.SIGTERM, interrupted)
     hub = _spawn(hub_cmd, workdir / "hub.log", env)
     edges: list[subprocess.Popen[bytes]] = []
     manifests: queue.Queue[Manifest] = queue.Queue()

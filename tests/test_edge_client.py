@@ -119,3 +119,28 @@ def test_client_finds_the_hub_with_zeroconf(tmp_path: Path, amqtt_broker: Manage
         hub.stop()
         transport.close()
         store.close()
+
+
+def test_stop_ends_a_round_that_waits_for_the_hub(tmp_path: Path) -> None:
+    import threading
+
+    from ffm_edge.client import ClientStopped
+
+    broker = InMemoryBroker()  # no hub at all: the round waits for a manifest that never comes
+    client = EdgeClient(
+        "minilm-l6-v2",
+        tiny_data(),
+        device_id="phone",
+        federation=FED,
+        transport=InMemoryTransport(broker, "phone"),
+        state_dir=tmp_path / "phone",
+        heartbeat_interval=0,
+        version_timeout=600,
+    )
+    with client:
+        threading.Timer(0.5, client.stop).start()
+        started = time.monotonic()
+        with pytest.raises(ClientStopped):
+            client.run_round()
+        assert time.monotonic() - started < 10
+        assert client.run_forever(rounds=3) == []  # already stopped: returns at once
