@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
     serve.add_argument("--task", default="sst2", help="task of the head, and of the held-out evaluation data")
     serve.add_argument("--strategy", default="lora", help="strategy whose tensors the federation trains")
+    serve.add_argument("--also-strategies", default="",
+                       help="comma-separated further strategies devices may train (a mixed federation)")  # fmt: skip
     serve.add_argument("--tau", type=int, default=3, help="aggregate when this many updates are queued")
     serve.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η of FedAvg")
     serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
@@ -100,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model,
         task=args.task,
         strategy=args.strategy,
+        extra_strategies=tuple(s for s in args.also_strategies.split(",") if s),
         tau=args.tau,
         server_lr=args.server_lr,
         state_dir=args.state_dir,

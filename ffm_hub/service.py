@@ -31,6 +31,7 @@ class ServeOptions:
     model: str = "minilm-l6-v2"
     task: str = "sst2"
     strategy: str = "lora"
+    extra_strategies: tuple[str, ...] = ()
     tau: int = 3
     server_lr: float = 1.0
     state_dir: Path = field(default_factory=lambda: Path("ffm-hub-state"))
@@ -44,6 +45,11 @@ class ServeOptions:
     advertise: bool = True
     chunk_size: int = 128 * 1024
     hub_id: str = "hub"
+
+    @property
+    def all_strategies(self) -> tuple[str, ...]:
+        """The primary strategy first, then the others devices may use (mixed federation)."""
+        return (self.strategy, *(s for s in self.extra_strategies if s != self.strategy))
 
     def __post_init__(self) -> None:
         if self.broker_kind not in ("auto", "mosquitto", "amqtt"):
@@ -104,16 +110,34 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         stack.callback(transport.close)
         store = SqliteStore(opts.state_dir / "store")
         stack.callback(store.close)
-        trainer = TorchTrainer(spec, task, opts.strategy, seed=opts.seed)
+        # One trainer per strategy the federation accepts: each gives its tensors' initial values (the
+        # same seed, so shared tensors such as the head start equal) and evaluates its view of a version.
+        trainers = {name: TorchTrainer(spec, task, name, seed=opts.seed) for name in opts.all_strategies}
+        initial: dict[str, np.ndarray] = {}
+        for trainer in trainers.values():
+            for name, value in trainer.trainable_state().items():
+                initial.setdefault(name, value)
+        strategy_tensors = {name: trainer.tensor_names for name, trainer in trainers.items()}
         eval_data = _load_eval_data(opts)
 
         def evaluate(state: Mapping[str, np.ndarray]) -> dict[str, float]:
             if eval_data is None:
                 return {}
-            trainer.load_trainable_state(state)
-            return trainer.evaluate(eval_data)
+            metrics: dict[str, float] = {}
+            for name, trainer in trainers.items():
+                trainer.load_trainable_state({k: state[k] for k in trainer.tensor_names})
+                suffix = "" if name == opts.strategy else f"@{name}"
+                metrics.update({f"{k}{suffix}": v for k, v in trainer.evaluate(eval_data).items()})
+            return metrics
 
-        hub = Hub(settings, transport, store, initial_state=trainer.trainable_state, evaluate=evaluate)
+        hub = Hub(
+            settings,
+            transport,
+            store,
+            initial_state=lambda: initial,
+            evaluate=evaluate,
+            strategy_tensors=strategy_tensors if len(trainers) > 1 else None,
+        )
         hub.start()
         stack.callback(hub.stop)
         if opts.advertise:
