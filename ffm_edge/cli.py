@@ -76,7 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     run.add_argument("--seed", type=int, default=0, help="training seed")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    prof = sub.add_parser(
+        "profile",
+        help="print what this device can do (RAM, budget, cores, accelerator, bitsandbytes, onnxruntime)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    prof.add_argument("--budget", default=None, help="memory the SDK may use, e.g. 600MB or 2GiB")
+    prof.add_argument("--json", action="store_true", help="print JSON instead of text")
+    prof.add_argument("--refresh", action="store_true", help="re-run the capability checks (they are cached)")
     return parser
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import json
+
+    from ffm_edge.profile import format_profile, probe_device
+
+    profile = probe_device(args.budget, refresh=args.refresh)
+    print(json.dumps(profile.to_dict(), indent=2) if args.json else format_profile(profile))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -151,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "profile":
+            return _profile(args)
     except FFMError as exc:
         log.error("%s", exc)
         return 2

@@ -20,7 +20,8 @@ from ffm_hub.cli import build_parser as hub_parser
         (hub_parser, ["--help"], ["serve", "status", "demo", "examples:"]),
         (hub_parser, ["serve", "--help"], ["--tau", "--server-lr", "--broker", "Mosquitto", "amqtt"]),
         (hub_parser, ["demo", "--help"], ["--clients", "--rounds", "FFM_DATA_DIR", "digits"]),
-        (edge_parser, ["--help"], ["run", "examples:"]),
+        (edge_parser, ["--help"], ["run", "profile", "examples:"]),
+        (edge_parser, ["profile", "--help"], ["--budget", "--json", "bitsandbytes"]),
         (edge_parser, ["run", "--help"], ["--shard", "--codec", "zeroconf", "--alpha"]),
     ],
 )
