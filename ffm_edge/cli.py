@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser(
         "profile",
         help="print what this device can do (RAM, budget, cores, accelerator, bitsandbytes, onnxruntime)",
+        description="Probe this device: total and available RAM, the memory budget the SDK may use, CPU cores, "
+        "the accelerator and its free memory, and whether bitsandbytes (int8, nf4, 8-bit AdamW) and "
+        "onnxruntime-training really work here. The capability checks run once and are cached.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     prof.add_argument("--budget", default=None, help="memory the SDK may use, e.g. 600MB or 2GiB")
