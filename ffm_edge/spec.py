@@ -18,7 +18,9 @@ from ffm_edge.errors import ModelSpecError
 
 __all__ = [
     "FAMILIES",
+    "PRECISIONS",
     "LoraSettings",
+    "MemorySettings",
     "ModelSpec",
     "TrainingSettings",
     "available_specs",
@@ -27,6 +29,14 @@ __all__ = [
 ]
 
 FAMILIES = ("hf-sequence-classification", "efficientnet-lite")
+
+PRECISIONS = ("fp32", "int8", "nf4")
+"""Base-model precisions: full float32, bitsandbytes 8-bit, bitsandbytes 4-bit NF4."""
+
+_FAMILY_PRECISIONS = {
+    "hf-sequence-classification": PRECISIONS,
+    "efficientnet-lite": ("fp32",),  # not a transformers model: BitsAndBytesConfig cannot load it
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,38 @@ class TrainingSettings:
             raise ModelSpecError(f"training.batch_size must be >= 1, got {self.batch_size}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """Constants of the model's memory footprint, for planning what a device can hold.
+
+    ``params`` counts every parameter of the pretrained model (tied weights once); ``vocab_size`` is 0
+    for models without a token embedding; ``activation_factor`` scales the planner's generic activation
+    estimate for architectures whose activations it under- or over-counts.
+    """
+
+    params: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int = 0
+    activation_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("params", "hidden_size", "num_layers"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                raise ModelSpecError(f"memory.{key} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.vocab_size) or self.vocab_size < 0:
+            raise ModelSpecError(f"memory.vocab_size must be an integer >= 0, got {self.vocab_size!r}")
+        factor = self.activation_factor
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < float("inf"):
+            raise ModelSpecError(f"memory.activation_factor must be a number > 0, got {factor!r}")
+        object.__setattr__(self, "activation_factor", float(factor))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything FFM needs to know to load and adapt one base model."""
@@ -75,11 +117,14 @@ class ModelSpec:
     checkpoint_path: str | None = None
     checkpoint_package: str | None = None
     checkpoint_subdir: str = ""
+    gguf_file: str | None = None
+    quant_skip_modules: tuple[str, ...] = ()
     max_length: int = 128
     image_size: int = 224
     freeze_batchnorm: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    memory: MemorySettings | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -89,6 +134,30 @@ class ModelSpec:
             raise ModelSpecError(f"spec {self.name!r}: modality must be 'text' or 'image'")
         if not (self.hub_id or self.checkpoint_path or self.checkpoint_package):
             raise ModelSpecError(f"spec {self.name!r}: give checkpoint.path, checkpoint.package or hub_id")
+        if self.gguf_file is not None:
+            if self.family != "hf-sequence-classification":
+                raise ModelSpecError(
+                    f"spec {self.name!r}: checkpoint.gguf_file needs family 'hf-sequence-classification'"
+                )
+            name = self.gguf_file
+            if not isinstance(name, str) or not name.endswith(".gguf") or "/" in name or "\\" in name:
+                raise ModelSpecError(
+                    f"spec {self.name!r}: checkpoint.gguf_file must be a file name ending in .gguf, got {name!r}"
+                )
+        skip = self.quant_skip_modules
+        if not isinstance(skip, tuple) or not all(isinstance(m, str) and m.strip() for m in skip):
+            raise ModelSpecError(f"spec {self.name!r}: quant_skip_modules must be a list of module names, got {skip!r}")
+        if skip and self.precisions == ("fp32",):
+            raise ModelSpecError(
+                f"spec {self.name!r}: quant_skip_modules given, but family {self.family!r} is fp32 only"
+            )
+        if self.memory is not None and not isinstance(self.memory, MemorySettings):
+            raise ModelSpecError(f"spec {self.name!r}: memory must be a table")
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The base-model precisions this spec's family can load (see :data:`PRECISIONS`)."""
+        return _FAMILY_PRECISIONS[self.family]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "") -> ModelSpec:
@@ -96,27 +165,38 @@ class ModelSpec:
         data = dict(data)
         known = {
             "name", "family", "modality", "description", "hub_id", "max_length", "image_size",
-            "freeze_batchnorm", "checkpoint", "lora", "training",
+            "freeze_batchnorm", "checkpoint", "lora", "training", "quant_skip_modules", "memory",
         }  # fmt: skip
+        where = source or data.get("name")
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ModelSpecError(f"spec {source or data.get('name')!r}: unknown keys {unknown}")
-        checkpoint = dict(data.pop("checkpoint", {}))
-        lora = dict(data.pop("lora", {}))
-        training = dict(data.pop("training", {}))
-        lora_kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()}
+            raise ModelSpecError(f"spec {where!r}: unknown keys {unknown}")
+        tables = {key: data.pop(key, {}) for key in ("checkpoint", "lora", "training")}
+        memory = data.pop("memory", None)
+        for key, table in [*tables.items(), ("memory", memory if memory is not None else {})]:
+            if not isinstance(table, dict):
+                raise ModelSpecError(f"spec {where!r}: {key} must be a table")
+        checkpoint = dict(tables["checkpoint"])
+        unknown = sorted(set(checkpoint) - {"path", "package", "subdir", "gguf_file"})
+        if unknown:
+            raise ModelSpecError(f"spec {where!r}: unknown keys in [checkpoint] {unknown}")
+        lora_kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in tables["lora"].items()}
+        if isinstance(data.get("quant_skip_modules"), list):
+            data["quant_skip_modules"] = tuple(data["quant_skip_modules"])
         try:
             return cls(
-                checkpoint_path=checkpoint.pop("path", None),
-                checkpoint_package=checkpoint.pop("package", None),
-                checkpoint_subdir=checkpoint.pop("subdir", ""),
+                checkpoint_path=checkpoint.get("path"),
+                checkpoint_package=checkpoint.get("package"),
+                checkpoint_subdir=checkpoint.get("subdir", ""),
+                gguf_file=checkpoint.get("gguf_file"),
                 lora=LoraSettings(**lora_kwargs),
-                training=TrainingSettings(**training),
+                training=TrainingSettings(**tables["training"]),
+                memory=MemorySettings(**memory) if memory is not None else None,
                 source=source,
                 **data,
             )
         except TypeError as exc:
-            raise ModelSpecError(f"spec {source or data.get('name')!r}: {exc}") from exc
+            raise ModelSpecError(f"spec {where!r}: {exc}") from exc
 
     def resolve_checkpoint(self) -> str:
         """Return a local path for the weights when one exists here, else the hub id.
@@ -143,6 +223,19 @@ class ModelSpec:
             f"model {self.name!r}: no local checkpoint found (package {self.checkpoint_package!r} "
             f"not installed, path {self.checkpoint_path!r} missing) and no hub id to fall back on"
         )
+
+    def resolve_gguf(self) -> Path | None:
+        """The GGUF file to convert from, when the resolved checkpoint is a local folder that holds it.
+
+        A spec's ``gguf_file`` names a file inside its checkpoint folder (package or path). When that
+        folder is not here (the hub id is used instead, or an override points at a regular checkpoint),
+        the checkpoint loads the ordinary way and this returns ``None``.
+        """
+        if not self.gguf_file:
+            return None
+        checkpoint = Path(self.resolve_checkpoint())
+        candidate = checkpoint / self.gguf_file
+        return candidate if candidate.is_file() else None
 
 
 def specs_dir() -> Path:

