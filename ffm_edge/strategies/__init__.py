@@ -1,14 +1,44 @@
-"""Training strategies, registered by name (see :mod:`ffm_edge.strategies.base`)."""
+"""Training strategies, registered by name (see :mod:`ffm_edge.strategies.base`).
 
-from ffm_edge.strategies.base import STRATEGIES, Strategy, StrategyConfig, get_strategy, register_strategy
+``lora`` (and QLoRA on an nf4 base), ``head``, ``prompt`` and ``full_q8``; optional backends (peft,
+bitsandbytes) are imported only when a strategy prepares a model or builds its optimizer.
+"""
+
+from ffm_edge.strategies.base import (
+    BASE_PRECISIONS,
+    STRATEGIES,
+    Strategy,
+    StrategyConfig,
+    get_strategy,
+    head_module_names,
+    register_strategy,
+)
+from ffm_edge.strategies.full_q8 import FullQ8Config, FullQ8Strategy, topk_sparsify
+from ffm_edge.strategies.head import HeadConfig, HeadStrategy
 from ffm_edge.strategies.lora import LoraConfig, LoraStrategy
+from ffm_edge.strategies.prompt import PromptConfig, PromptStrategy
 
 __all__ = [
+    "BASE_PRECISIONS",
     "STRATEGIES",
+    "FullQ8Config",
+    "FullQ8Strategy",
+    "HeadConfig",
+    "HeadStrategy",
     "LoraConfig",
     "LoraStrategy",
+    "PromptConfig",
+    "PromptStrategy",
     "Strategy",
     "StrategyConfig",
     "get_strategy",
+    "head_module_names",
     "register_strategy",
+    "strategies_by_capability",
+    "topk_sparsify",
 ]
+
+
+def strategies_by_capability() -> list[str]:
+    """Registered strategy names, most capable first (what a planner tries in order)."""
+    return sorted(STRATEGIES, key=lambda name: -STRATEGIES[name].capability_rank)
