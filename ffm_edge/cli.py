@@ -60,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--federation", default="default", help="federation name (must match the hub's)")
     run.add_argument("--broker", default=None, help="mqtt://host:port; without it the hub is found with zeroconf")
     run.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
-    run.add_argument("--strategy", default="lora", help="what to train on the device")
+    run.add_argument(
+        "--strategy",
+        default="lora",
+        help="what to train: lora, prompt, head, full_q8, or auto (the planner picks what fits --budget)",
+    )
+    run.add_argument(
+        "--budget", default=None, help="memory the SDK may use, e.g. 600MB; a named strategy is checked against it"
+    )
     run.add_argument("--task", default="sst2", help="dataset the local shard comes from (sst2, mrpc, digits, ...)")
     run.add_argument("--data-dir", default=None, help="GLUE-format data folder (default: $FFM_DATA_DIR)")
     run.add_argument("--shard", type=_shard, default=(0, 1), help="INDEX/COUNT: which non-IID shard is local")
@@ -87,7 +94,50 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--budget", default=None, help="memory the SDK may use, e.g. 600MB or 2GiB")
     prof.add_argument("--json", action="store_true", help="print JSON instead of text")
     prof.add_argument("--refresh", action="store_true", help="re-run the capability checks (they are cached)")
+    plan = sub.add_parser(
+        "plan",
+        help="predict peak memory per strategy and pick the most capable one that fits",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Predict each strategy's peak memory (load and training, above bare torch) for a model spec, "
+        "batch size and sequence length, and pick the most capable configuration that fits the budget: "
+        "full_q8 > lora (fp32, int8, nf4 base) > prompt > head, trying gradient checkpointing and "
+        "micro-batches before giving up capability.",
+    )
+    plan.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
+    plan.add_argument("--budget", default=None, help="memory the SDK may use, e.g. 600MB (default: the profile's)")
+    plan.add_argument("--batch-size", type=int, default=None, help="batch size (default: the model spec's)")
+    plan.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the spec's max_length)")
+    plan.add_argument("--num-labels", type=int, default=2, help="classes of the task head")
+    plan.add_argument("--force", default=None, help="only consider this strategy (error if it cannot fit)")
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ffm_edge.planner import format_plan, plan_training
+    from ffm_edge.profile import parse_bytes, probe_device
+    from ffm_edge.spec import load_model_spec
+
+    spec = load_model_spec(args.model)
+    profile = probe_device(args.budget)
+    budget = parse_bytes(args.budget) if args.budget else profile.budget_bytes
+    available = ["fp32"]
+    if profile.bitsandbytes.int8:
+        available.append("int8")
+    if profile.bitsandbytes.nf4:
+        available.append("nf4")
+    result = plan_training(
+        spec,
+        budget,
+        batch_size=args.batch_size or spec.training.batch_size,
+        seq_len=args.seq_len or spec.max_length,
+        num_labels=args.num_labels,
+        force=args.force,
+        available=available,
+    )
+    print(f"model {spec.name}, batch {args.batch_size or spec.training.batch_size}, "
+          f"sequence {args.seq_len or spec.max_length}")  # fmt: skip
+    print(format_plan(result))
+    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -146,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         federation=args.federation,
         broker=args.broker,
         strategy=args.strategy,
+        memory_budget=args.budget,
         codec=args.codec,
         local_epochs=args.epochs,
         learning_rate=args.lr,
@@ -174,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "plan":
+            return _plan(args)
     except FFMError as exc:
         log.error("%s", exc)
         return 2

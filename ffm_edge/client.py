@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from ffm_edge.data import LabeledData
 from ffm_edge.errors import ConfigError, DecodeError, FFMError, RejectedUpdateError, TransportError
 from ffm_edge.outbox import Outbox
 from ffm_edge.spec import ModelSpec, load_model_spec
+from ffm_edge.strategies import Strategy
 from ffm_edge.trainer import TorchTrainer, TrainReport
 from ffm_edge.transport import Transport
 from ffm_edge.wire import (
@@ -45,6 +47,9 @@ from ffm_edge.wire import (
     split_frame,
     validate_id,
 )
+
+if TYPE_CHECKING:
+    from ffm_edge.planner import Plan
 
 __all__ = ["ClientStopped", "EdgeClient", "ProgressEvent", "RoundResult"]
 
@@ -96,7 +101,8 @@ class EdgeClient:
         device_id: str,
         federation: str = "default",
         broker: str | None = None,
-        strategy: str = "lora",
+        strategy: Strategy | str = "lora",
+        memory_budget: int | str | None = None,
         codec: str = "int8",
         local_epochs: int = 1,
         learning_rate: float | None = None,
@@ -147,8 +153,18 @@ class EdgeClient:
         self.on_round = on_round
         root = Path(state_dir) if state_dir is not None else Path(tempfile.gettempdir()) / "ffm-edge" / device_id
         self.outbox = Outbox(root / "outbox")
+        self.plan: Plan | None = None
+        micro_batch_size = None
+        if strategy == "auto" or memory_budget is not None:
+            strategy, micro_batch_size = self._plan(strategy, memory_budget, batch_size)
         self.trainer = TorchTrainer(
-            self.spec, local_data.info, strategy, seed=seed, learning_rate=learning_rate, batch_size=batch_size
+            self.spec,
+            local_data.info,
+            strategy,
+            seed=seed,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
         )
         self._transport = transport
         self._own_transport = transport is None
@@ -166,6 +182,38 @@ class EdgeClient:
         self._stop = threading.Event()  # set by close(): ends the heartbeat thread
         self._abort = threading.Event()  # set by stop(): ends any wait of a running round
         self._heartbeat: threading.Thread | None = None
+
+    def _plan(
+        self, strategy: Strategy | str, budget: int | str | None, batch_size: int | None
+    ) -> tuple[Strategy | str, int | None]:
+        """Let the planner pick (``"auto"``) or check (a named strategy) what fits this device's budget."""
+        from ffm_edge.planner import plan_training, strategy_for
+        from ffm_edge.profile import probe_device
+
+        if self.spec.memory is None:
+            if strategy == "auto":
+                log.warning("model %s has no memory model: using lora without planning", self.spec.name)
+                return "lora", None
+            return strategy, None
+        profile = probe_device(budget)
+        available = ["fp32"]
+        available += ["int8"] if profile.bitsandbytes.int8 else []
+        available += ["nf4"] if profile.bitsandbytes.nf4 else []
+        forced = None if strategy == "auto" else (strategy if isinstance(strategy, str) else strategy.name)
+        self.plan = plan_training(
+            self.spec,
+            profile.budget_bytes,
+            batch_size=batch_size or self.spec.training.batch_size,
+            seq_len=self.spec.max_length,
+            num_labels=self.data.info.num_labels,
+            force=forced,
+            available=available,
+        )  # raises InsufficientMemoryError before any weight is loaded
+        assert self.plan.choice is not None
+        log.info("%s: %s", self.device_id, self.plan.reason)
+        if not isinstance(strategy, str):  # the app configured the strategy itself: keep it, size the batches
+            return strategy, self.plan.choice.micro_batch_size
+        return strategy_for(self.plan.choice)
 
     # -- connection -----------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -403,7 +451,7 @@ class EdgeClient:
             progress=lambda step, total, loss: self._progress("train", step, total, f"loss {loss:.4f}"),
         )
         local = self.trainer.trainable_state()
-        delta = {name: local[name] - self._global[name] for name in local}
+        delta = self.trainer.strategy.finalize_update({name: local[name] - self._global[name] for name in local})
         meta = UpdateMeta(
             federation=self.federation,
             device=self.device_id,

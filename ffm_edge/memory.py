@@ -1,0 +1,177 @@
+"""Predict peak memory of local training, per strategy, before any weight is loaded.
+
+The model is deliberately simple — a sum of parts a person can check — and its constants come from
+the model spec's ``[memory]`` table plus a few per-family defaults that the memory benchmark
+(``benchmarks/memory.py``) calibrates against measured peak RSS. All figures are bytes *above* the
+bare interpreter-with-torch process, which is what a device app already pays before using the SDK.
+
+Parts:
+- ``runtime``: what importing and initialising the model libraries costs (transformers, peft, the
+  tokenizer), a per-family constant;
+- ``weights``: the base at its precision (bitsandbytes quantizes the Linear layers; embeddings,
+  norms and the head stay fp32);
+- ``trainable``: gradients plus optimizer state of the trainable tensors (AdamW: 8 B per scalar,
+  bitsandbytes 8-bit AdamW: 2 B), plus the fp32 master copy where weights are kept in reduced precision;
+- ``activations``: what backpropagation keeps per token and layer, scaled by the spec's
+  ``activation_factor``; gradient checkpointing keeps only each layer's input plus one layer's full
+  activations; micro-batching divides by the number of micro-batches; a frozen backbone (head only)
+  keeps none.
+- ``load``: the peak while loading: a quantized base read from the cached quantized checkpoint needs only
+  its quantized size, one quantized on the fly needs the fp32 model first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ffm_edge.errors import ConfigError
+from ffm_edge.spec import MemorySettings, ModelSpec
+
+__all__ = ["BYTES_PER_WEIGHT", "MemoryEstimate", "TrainingShape", "estimate_memory", "trainable_count"]
+
+MiB = 1024 * 1024
+
+#: Bytes per base weight of a quantized Linear layer (NF4 packs two per byte plus one fp32 absmax per 64).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / 4096, "nf4": 0.5 + 4.0 / 64}
+
+#: Cost of the libraries a family needs, above bare torch (calibrated by benchmarks/memory.py).
+RUNTIME_OVERHEAD = {"hf-sequence-classification": 230 * MiB, "efficientnet-lite": 60 * MiB}
+
+#: Floats kept per token, per hidden unit, per layer for backprop in a transformer block (calibrated).
+ACTIVATION_FLOATS_PER_HIDDEN = 34.0
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """The work a device does per optimizer step."""
+
+    batch_size: int
+    seq_len: int
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    num_labels: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise ConfigError("batch_size and seq_len must be >= 1")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ConfigError(f"micro_batch_size must be in [1, {self.batch_size}], got {self.micro_batch_size}")
+
+    @property
+    def micro(self) -> int:
+        """Examples that go through the model at once."""
+        return self.micro_batch_size or self.batch_size
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak memory above bare torch, with its parts."""
+
+    strategy: str
+    precision: str
+    shape: TrainingShape
+    trainable_params: int
+    parts: dict[str, int] = field(default_factory=dict)
+    load_bytes: int = 0
+    train_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """The larger of the load and the training peak."""
+        return max(self.load_bytes, self.train_bytes)
+
+
+def _constants(spec: ModelSpec) -> MemorySettings:
+    if spec.memory is None:
+        raise ConfigError(f"model spec {spec.name} has no [memory] table; the planner cannot size it")
+    return spec.memory
+
+
+def _linear_params(mem: MemorySettings) -> int:
+    """Parameters in the transformer blocks' Linear layers (what bitsandbytes quantizes)."""
+    blocks = max(0, mem.params - mem.vocab_size * mem.hidden_size)
+    return int(blocks * 0.98)  # norms and biases are the rest
+
+
+def trainable_count(spec: ModelSpec, strategy: str, *, num_labels: int = 2, prompt_tokens: int = 16) -> int:
+    """How many scalars ``strategy`` trains on ``spec`` (what the update carries)."""
+    mem = _constants(spec)
+    head = mem.hidden_size * num_labels + num_labels
+    if strategy == "full_q8":
+        return mem.params + head
+    if strategy == "head":
+        return head
+    if strategy == "prompt":
+        return prompt_tokens * mem.hidden_size + head
+    if strategy == "lora":
+        # r x (in + out) per adapted square projection; the spec's targets are the attention projections.
+        per_layer = len(spec.lora.target_modules) * spec.lora.r * 2 * mem.hidden_size
+        return mem.num_layers * per_layer + head
+    raise ConfigError(f"no memory model for strategy {strategy!r}")
+
+
+def estimate_memory(
+    spec: ModelSpec,
+    strategy: str,
+    shape: TrainingShape,
+    *,
+    precision: str = "fp32",
+    quantized_checkpoint_cached: bool = True,
+    weight_dtype: str = "fp32",
+    optimizer: str | None = None,
+) -> MemoryEstimate:
+    """Predict the load and training peaks of ``strategy`` on ``spec`` at ``precision``."""
+    if precision not in BYTES_PER_WEIGHT:
+        raise ConfigError(f"unknown precision {precision!r}")
+    mem = _constants(spec)
+    linear = _linear_params(mem)
+    other = mem.params - linear
+    runtime = RUNTIME_OVERHEAD.get(spec.family, 200 * MiB)
+    if strategy == "full_q8":
+        precision = weight_dtype  # every weight trains: no quantized base
+    weights = int(linear * BYTES_PER_WEIGHT[precision] + other * BYTES_PER_WEIGHT.get(weight_dtype, 4.0))
+    trainable = trainable_count(spec, strategy, num_labels=shape.num_labels)
+    optimizer = optimizer or ("adamw8bit" if strategy == "full_q8" else "adamw")
+    state_per_scalar = 2.0 if optimizer == "adamw8bit" else 8.0
+    grad_bytes = 2.0 if weight_dtype == "bf16" else 4.0
+    master = 4.0 if weight_dtype == "bf16" and strategy == "full_q8" else 0.0
+    trainable_bytes = int(trainable * (grad_bytes + state_per_scalar + master))
+
+    tokens = shape.micro * shape.seq_len
+    per_layer = tokens * mem.hidden_size * ACTIVATION_FLOATS_PER_HIDDEN * mem.activation_factor * 4.0
+    heads = max(1, mem.hidden_size // 64)
+    attention = shape.micro * heads * shape.seq_len**2 * 4.0 * 2  # scores and probabilities
+    if strategy == "head":
+        activations = tokens * mem.hidden_size * 4.0 * 4  # forward temporaries only, no graph kept
+    elif shape.gradient_checkpointing:
+        activations = mem.num_layers * tokens * mem.hidden_size * 4.0 + per_layer + attention
+    else:
+        activations = mem.num_layers * (per_layer + attention)
+    if precision in ("int8", "nf4"):
+        # bitsandbytes layers dequantize a layer's weight for the matmul: one fp32 layer in flight.
+        activations += 4.0 * linear / max(1, mem.num_layers) / 4
+    activations = int(activations)
+
+    if precision == "fp32" or strategy == "full_q8" or quantized_checkpoint_cached:
+        load = runtime + weights
+    else:
+        load = runtime + int(mem.params * 4.0) + weights
+    train = runtime + weights + trainable_bytes + activations
+    return MemoryEstimate(
+        strategy=strategy,
+        precision=precision,
+        shape=shape,
+        trainable_params=trainable,
+        parts={"runtime": runtime, "weights": weights, "trainable": trainable_bytes, "activations": activations},
+        load_bytes=int(load),
+        train_bytes=int(train),
+    )
+
+
+def micro_batch_options(batch_size: int) -> list[int]:
+    """Micro-batch sizes to try, largest first: the batch, then halvings down to 1."""
+    sizes = [batch_size]
+    while sizes[-1] > 1:
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sorted(set(sizes), reverse=True)

@@ -1,0 +1,171 @@
+"""Pick the most capable training strategy that fits the device's memory budget, and say why.
+
+Candidates are tried from the most capable down (:func:`capability_order`): quantized full fine-tuning,
+LoRA on an fp32 base, on an 8-bit base, on a 4-bit NF4 base (QLoRA), soft prompts, and last the adapter
+head alone. Within one
+strategy and precision, the cheap levers come first — gradient checkpointing, then smaller micro-batches
+— because activations, not weights, dominate training memory on small batches (``../shared/MODELS.md``).
+The first candidate whose predicted peak fits the budget wins. An app may force a strategy; when it
+cannot fit, :class:`InsufficientMemoryError` says so before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ffm_edge.errors import ConfigError
+from ffm_edge.memory import MemoryEstimate, TrainingShape, estimate_memory, micro_batch_options
+from ffm_edge.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from ffm_edge.strategies import Strategy
+
+__all__ = [
+    "Candidate",
+    "InsufficientMemoryError",
+    "Plan",
+    "capability_order",
+    "format_plan",
+    "plan_training",
+    "strategy_for",
+]
+
+def capability_order() -> tuple[tuple[str, str], ...]:
+    """(strategy, base precision) from the most to the least capable.
+
+    Strategies by their ``capability_rank``; within one, the fp32 base before the 8-bit and the 4-bit
+    one (quantization costs accuracy and, on CPU, speed). Full fine-tuning has no quantized base.
+    """
+    from ffm_edge.strategies import strategies_by_capability
+
+    order: list[tuple[str, str]] = []
+    for name in strategies_by_capability():
+        order += [(name, "fp32")] if name == "full_q8" else [(name, p) for p in ("fp32", "int8", "nf4")]
+    return tuple(order)
+
+
+class InsufficientMemoryError(ConfigError):
+    """No configuration of the requested strategy fits the memory budget."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration the planner considered."""
+
+    strategy: str
+    precision: str
+    gradient_checkpointing: bool
+    micro_batch_size: int
+    estimate: MemoryEstimate
+    fits: bool
+
+    @property
+    def label(self) -> str:
+        """A short human name, e.g. ``lora/nf4 +ckpt mb=4``."""
+        extra = (" +ckpt" if self.gradient_checkpointing else "") + f" mb={self.micro_batch_size}"
+        return f"{self.strategy}/{self.precision}{extra}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's decision, every candidate it looked at, and the reason."""
+
+    budget_bytes: int
+    choice: Candidate | None
+    candidates: list[Candidate] = field(default_factory=list)
+    reason: str = ""
+
+
+def _candidates(
+    spec: ModelSpec, batch_size: int, seq_len: int, num_labels: int, allowed: Sequence[tuple[str, str]]
+) -> Iterator[tuple[str, str, bool, int, MemoryEstimate]]:
+    for strategy, precision in allowed:
+        if precision not in spec.precisions:
+            continue
+        levers = [(False, batch_size)] + [(True, mb) for mb in micro_batch_options(batch_size)]
+        if strategy == "head":  # no graph through the backbone: nothing to checkpoint, only micro-batches
+            levers = [(False, mb) for mb in micro_batch_options(batch_size)]
+        for checkpointing, micro in levers:
+            shape = TrainingShape(batch_size, seq_len, micro, checkpointing, num_labels)
+            yield strategy, precision, checkpointing, micro, estimate_memory(spec, strategy, shape, precision=precision)
+
+
+def plan_training(
+    spec: ModelSpec,
+    budget_bytes: int,
+    *,
+    batch_size: int,
+    seq_len: int,
+    num_labels: int = 2,
+    strategies: Sequence[str] | None = None,
+    force: str | None = None,
+    available: Sequence[str] = ("fp32", "int8", "nf4"),
+) -> Plan:
+    """Choose a strategy and its levers for ``budget_bytes``; ``available`` lists precisions this device runs."""
+    allowed = [
+        (s, p)
+        for s, p in capability_order()
+        if (force is None or s == force) and (strategies is None or s in strategies) and p in available
+    ]
+    if force is not None and not allowed:
+        raise ConfigError(f"cannot force {force!r}: unknown strategy or no usable precision on this device")
+    considered: list[Candidate] = []
+    choice: Candidate | None = None
+    for strategy, precision, ckpt, micro, est in _candidates(spec, batch_size, seq_len, num_labels, allowed):
+        candidate = Candidate(strategy, precision, ckpt, micro, est, est.peak_bytes <= budget_bytes)
+        considered.append(candidate)
+        if candidate.fits and choice is None:
+            choice = candidate
+    if choice is None:
+        smallest = min(considered, key=lambda c: c.estimate.peak_bytes, default=None)
+        need = f"{smallest.estimate.peak_bytes / 2**20:.0f} MiB ({smallest.label})" if smallest else "n/a"
+        what = f"strategy {force!r}" if force else "any strategy"
+        raise InsufficientMemoryError(
+            f"{what} needs at least {need} on {spec.name} at batch {batch_size}, sequence {seq_len}; "
+            f"the budget is {budget_bytes / 2**20:.0f} MiB"
+        )
+    better = [c for c in considered if c is not choice and considered.index(c) < considered.index(choice)]
+    reason = f"{choice.label} is the most capable configuration that fits: predicted peak " + (
+        f"{choice.estimate.peak_bytes / 2**20:.0f} MiB <= budget {budget_bytes / 2**20:.0f} MiB"
+    )
+    if better:
+        tightest = min(better, key=lambda c: c.estimate.peak_bytes)
+        reason += f"; more capable options need >= {tightest.estimate.peak_bytes / 2**20:.0f} MiB"
+    return Plan(budget_bytes=budget_bytes, choice=choice, candidates=considered, reason=reason)
+
+
+def format_plan(plan: Plan) -> str:
+    """A table of the first configuration per strategy/precision and the choice, for ``ffm-edge plan``."""
+    seen: dict[tuple[str, str], Candidate] = {}
+    for c in plan.candidates:
+        key = (c.strategy, c.precision)
+        if key not in seen or (c.fits and not seen[key].fits):
+            seen[key] = c
+    lines = [
+        f"budget {plan.budget_bytes / 2**20:.0f} MiB",
+        "| strategy | base | levers | trainable | load MiB | train MiB | fits |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for c in seen.values():
+        levers = ("checkpointing, " if c.gradient_checkpointing else "") + f"micro-batch {c.micro_batch_size}"
+        mark = "yes" if c.fits else "no"
+        if plan.choice is not None and c is plan.choice:
+            mark = "**chosen**"
+        lines.append(
+            f"| {c.strategy} | {c.precision} | {levers} | {c.estimate.trainable_params:,} | "
+            f"{c.estimate.load_bytes / 2**20:.0f} | {c.estimate.train_bytes / 2**20:.0f} | {mark} |"
+        )
+    lines.append(plan.reason)
+    return "\n".join(lines)
+
+
+def strategy_for(candidate: Candidate) -> tuple[Strategy, int]:
+    """The configured strategy and micro-batch size a plan's choice stands for."""
+    from ffm_edge.strategies import get_strategy
+
+    config: dict[str, Any] = {"gradient_checkpointing": candidate.gradient_checkpointing}
+    if candidate.strategy != "full_q8":
+        config["base_precision"] = candidate.precision
+    return get_strategy(candidate.strategy, **config), candidate.micro_batch_size

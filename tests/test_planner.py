@@ -1,0 +1,124 @@
+"""The memory model's arithmetic and the planner's decisions on synthetic budgets (table-driven)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ffm_edge.errors import ConfigError
+from ffm_edge.memory import TrainingShape, estimate_memory, micro_batch_options, trainable_count
+from ffm_edge.planner import InsufficientMemoryError, format_plan, plan_training
+from ffm_edge.spec import ModelSpec
+
+MiB = 2**20
+
+
+def spec(**memory: float) -> ModelSpec:
+    table = {"params": 100_000_000, "hidden_size": 768, "num_layers": 12, "vocab_size": 30_000, **memory}
+    return ModelSpec.from_dict(
+        {
+            "name": "synthetic",
+            "family": "hf-sequence-classification",
+            "modality": "text",
+            "hub_id": "none/none",
+            "lora": {"r": 8, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+            "memory": table,
+        }
+    )
+
+
+def test_trainable_counts_by_hand() -> None:
+    s = spec()
+    head = 768 * 2 + 2
+    assert trainable_count(s, "head") == head
+    assert trainable_count(s, "lora") == 12 * 2 * 8 * 2 * 768 + head  # layers x targets x r x (in + out)
+    assert trainable_count(s, "prompt", prompt_tokens=16) == 16 * 768 + head
+    assert trainable_count(s, "full_q8") == 100_000_000 + head
+
+
+def test_levers_lower_the_prediction_in_the_expected_order() -> None:
+    s = spec()
+    plain = estimate_memory(s, "lora", TrainingShape(16, 128))
+    ckpt = estimate_memory(s, "lora", TrainingShape(16, 128, gradient_checkpointing=True))
+    micro = estimate_memory(s, "lora", TrainingShape(16, 128, micro_batch_size=4, gradient_checkpointing=True))
+    nf4 = estimate_memory(s, "lora", TrainingShape(16, 128), precision="nf4")
+    assert plain.train_bytes > ckpt.train_bytes > micro.train_bytes
+    assert nf4.parts["weights"] < plain.parts["weights"] / 2  # Linear layers at ~4.5 bits, embeddings fp32
+    assert estimate_memory(s, "head", TrainingShape(16, 128)).train_bytes < micro.train_bytes
+    full = estimate_memory(s, "full_q8", TrainingShape(16, 128))
+    assert full.parts["trainable"] == (100_000_000 + 768 * 2 + 2) * (4 + 2)  # grads + 8-bit AdamW state
+
+
+def test_quantizing_without_a_cached_checkpoint_costs_the_fp32_model_at_load() -> None:
+    s = spec()
+    cached = estimate_memory(s, "lora", TrainingShape(8, 64), precision="nf4", quantized_checkpoint_cached=True)
+    fresh = estimate_memory(s, "lora", TrainingShape(8, 64), precision="nf4", quantized_checkpoint_cached=False)
+    assert fresh.load_bytes - cached.load_bytes == 100_000_000 * 4
+
+
+def cheapest(strategy: str, precisions: tuple[str, ...] = ("fp32", "int8", "nf4")) -> int:
+    """The smallest predicted peak over every configuration the planner tries for ``strategy``."""
+    plan = plan_training(spec(), 10**15, batch_size=16, seq_len=128, force=strategy)
+    return min(c.estimate.peak_bytes for c in plan.candidates if c.precision in precisions)
+
+
+def most_expensive_first_choice() -> int:
+    plan = plan_training(spec(), 10**15, batch_size=16, seq_len=128)
+    assert plan.choice is not None
+    return plan.choice.estimate.peak_bytes
+
+
+@pytest.mark.parametrize(
+    ("budget", "strategy", "precisions"),
+    [
+        # Plenty of memory: the most capable strategy without any lever.
+        (lambda: most_expensive_first_choice(), "full_q8", ("fp32",)),
+        # Just below what full fine-tuning needs at its cheapest: LoRA on an fp32 base.
+        (lambda: cheapest("full_q8") - 1, "lora", ("fp32",)),
+        # Just below LoRA on fp32 at its cheapest: LoRA on a quantized base (QLoRA).
+        (lambda: cheapest("lora", ("fp32",)) - 1, "lora", ("int8", "nf4")),
+        # Below anything that backpropagates through the backbone: the adapter head alone.
+        (lambda: min(cheapest("lora"), cheapest("prompt")) - 1, "head", ("fp32", "nf4")),
+    ],
+    ids=["plenty", "no-full", "qlora", "head-only"],
+)
+def test_planner_picks_the_most_capable_fit(budget, strategy: str, precisions: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    limit = budget()
+    plan = plan_training(spec(), limit, batch_size=16, seq_len=128)
+    assert plan.choice is not None
+    assert (plan.choice.strategy, plan.choice.precision in precisions) == (strategy, True), format_plan(plan)
+    assert plan.choice.estimate.peak_bytes <= limit
+    # Everything considered before the choice did not fit (the order is the preference).
+    index = plan.candidates.index(plan.choice)
+    assert not any(c.fits for c in plan.candidates[:index])
+    assert "fits" in plan.reason
+
+
+def test_plenty_of_memory_uses_no_lever() -> None:
+    plan = plan_training(spec(), 10**15, batch_size=16, seq_len=128)
+    assert plan.choice is not None
+    assert (plan.choice.gradient_checkpointing, plan.choice.micro_batch_size) == (False, 16)
+
+
+def test_forcing_an_unfit_strategy_fails_before_training() -> None:
+    with pytest.raises(InsufficientMemoryError, match="strategy 'full_q8' needs at least"):
+        plan_training(spec(), cheapest("full_q8") - 1, batch_size=16, seq_len=128, force="full_q8")
+    forced = plan_training(spec(), 100_000 * MiB, batch_size=16, seq_len=128, force="prompt")
+    assert forced.choice is not None and forced.choice.strategy == "prompt"
+
+
+def test_nothing_fits_and_unknown_choices_are_clear_errors() -> None:
+    with pytest.raises(InsufficientMemoryError, match="any strategy needs at least"):
+        plan_training(spec(), 10 * MiB, batch_size=16, seq_len=128)
+    with pytest.raises(ConfigError, match="cannot force"):
+        plan_training(spec(), 10 * MiB, batch_size=16, seq_len=128, force="telepathy")
+
+
+def test_device_without_bitsandbytes_gets_no_quantized_plan() -> None:
+    plan = plan_training(spec(), cheapest("lora", ("fp32",)) - 1, batch_size=16, seq_len=128, available=("fp32",))
+    assert plan.choice is not None and plan.choice.precision == "fp32"
+
+
+def test_micro_batch_options() -> None:
+    assert micro_batch_options(16) == [16, 8, 4, 2, 1]
+    assert micro_batch_options(6) == [6, 3, 2, 1]
+    assert micro_batch_options(1) == [1]
