@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=900, help="training examples shared out to the clients")
     demo.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label-skew α of the shards")
     demo.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    demo.add_argument("--client-strategies", default="",
+                      help="comma-separated strategy per client, cycled (lora, prompt, head, full_q8, auto); "
+                      "a mixed federation")  # fmt: skip
+    demo.add_argument("--client-budgets", default="",
+                      help="comma-separated memory budget per client, cycled (e.g. 2GB,500MB): with auto the "
+                      "planner picks what fits")  # fmt: skip
     demo.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"), help="update encoding")
     demo.add_argument("--eval-limit", type=int, default=500, help="held-out examples evaluated per version")
     demo.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"), help="broker")
@@ -162,6 +168,8 @@ def _demo(args: argparse.Namespace) -> int:
             workdir=args.workdir,
             data_dir=args.data_dir,
             timeout=args.timeout,
+            client_strategies=tuple(x for x in args.client_strategies.split(",") if x),
+            client_budgets=tuple(x for x in args.client_budgets.split(",") if x),
         )
     )
     return 0

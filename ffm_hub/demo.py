@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -51,6 +51,8 @@ class DemoOptions:
     timeout: float = 1800.0
     federation: str = "demo"
     progress: bool = True
+    client_strategies: tuple[str, ...] = ()  # per client, cycled; "auto" lets the planner pick
+    client_budgets: tuple[str, ...] = ()  # per client, cycled, e.g. ("2GB", "600MB")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class DemoRow:
     bytes_up: int
     bytes_down: int
     round_s: float
+    others: dict[str, float] = field(default_factory=dict)  # the metric of each other strategy's view
 
 
 def choose_demo_data(task: str | None, model: str | None, data_dir: str | None) -> tuple[str, str, str]:
@@ -86,6 +89,38 @@ def choose_demo_data(task: str | None, model: str | None, data_dir: str | None) 
         "no GLUE data found (set FFM_DATA_DIR to a folder with glue/SST-2, or install `datasets` when online),"
         " so the demo uses scikit-learn's handwritten digits, which ship with scikit-learn",
     )
+
+
+def _assign_strategies(opts: DemoOptions, model: str) -> list[tuple[str, str | None, str]]:
+    """(asked strategy, budget, strategy it will train) per client; the planner resolves "auto" here too.
+
+    The hub must know every strategy its devices train, so the demo runs the same planner the edges run
+    (it is deterministic for a model, batch and budget) to learn what each "auto" client will pick.
+    """
+    from ffm_edge.planner import plan_training
+    from ffm_edge.profile import parse_bytes, probe_device
+    from ffm_edge.spec import load_model_spec
+
+    asked = opts.client_strategies or ("lora",)
+    out: list[tuple[str, str | None, str]] = []
+    spec = load_model_spec(model)
+    for i in range(opts.clients):
+        strategy = asked[i % len(asked)]
+        budget = opts.client_budgets[i % len(opts.client_budgets)] if opts.client_budgets else None
+        chosen = strategy
+        if strategy == "auto":
+            if budget is None:
+                raise FFMError("a client with strategy auto needs a budget (--client-budgets)")
+            profile = probe_device(budget)
+            available = ["fp32"] + ["int8"] * profile.bitsandbytes.int8 + ["nf4"] * profile.bitsandbytes.nf4
+            plan = plan_training(
+                spec, parse_bytes(budget), batch_size=spec.training.batch_size, seq_len=spec.max_length,
+                available=available,
+            )  # fmt: skip
+            assert plan.choice is not None
+            chosen = plan.choice.strategy
+        out.append((strategy, budget, chosen))
+    return out
 
 
 def _free_port() -> int:
@@ -120,23 +155,28 @@ def _row(manifest: Manifest, metric: str) -> DemoRow:
         bytes_up=int(m.get("bytes_in", 0)),
         bytes_down=int(m.get("bytes_out", 0)),
         round_s=float(m.get("round_s", 0.0)),
+        others={k: v for k, v in m.items() if k.startswith(metric + "@")},
     )
 
 
 def format_table(rows: list[DemoRow]) -> str:
     """The per-round table, as Markdown a person can read in a terminal."""
     metric = rows[0].metric if rows else "accuracy"
+    extra = sorted({k for r in rows for k in r.others})
     lines = [
-        f"| version | {metric} | devices | samples | bytes up | bytes down | round time (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| version | {metric} | {''.join(k + ' | ' for k in extra)}devices | samples | bytes up | bytes down "
+        "| round time (s) |",
+        "|---:|---:|" + "---:|" * len(extra) + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        value = "n/a" if r.value is None else f"{r.value:.4f}"
+        values = ["n/a" if r.value is None else f"{r.value:.4f}"]
+        values += [f"{r.others[k]:.4f}" if k in r.others else "n/a" for k in extra]
+        cells = " | ".join(values)
         if r.version == 0:
-            lines.append(f"| 0 (initial) | {value} | - | - | - | - | - |")
+            lines.append(f"| 0 (initial) | {cells} | - | - | - | - | - |")
         else:
             lines.append(
-                f"| {r.version} | {value} | {r.devices} | {r.samples} | {r.bytes_up:,} | {r.bytes_down:,} "
+                f"| {r.version} | {cells} | {r.devices} | {r.samples} | {r.bytes_up:,} | {r.bytes_down:,} "
                 f"| {r.round_s:.1f} |"
             )
     return "\n".join(lines)
@@ -156,10 +196,16 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
     if opts.data_dir:
         env["FFM_DATA_DIR"] = opts.data_dir
     py = sys.executable
+    assignments = _assign_strategies(opts, model)
+    primary, *others = dict.fromkeys(chosen for _, _, chosen in assignments)
+    if len(assignments) > 1 or primary != "lora":
+        for i, (asked, budget, chosen) in enumerate(assignments):
+            print(f"edge-{i}: strategy {asked}{f' with budget {budget}' if budget else ''} -> {chosen}", flush=True)
     hub_cmd = [
         py, "-m", "ffm_hub.cli", "serve", "--federation", opts.federation, "--model", model, "--task", task,
         "--tau", str(opts.clients), "--state-dir", str(workdir / "hub"), "--broker-kind", opts.broker_kind,
         "--broker-port", str(port), "--eval-limit", str(opts.eval_limit), "--threads", "1",
+        "--strategy", primary, "--also-strategies", ",".join(others),
     ]  # fmt: skip
     print(f"logs:  {workdir}", flush=True)
 
@@ -202,7 +248,11 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
                 "--model", model, "--task", task, "--shard", f"{i}/{opts.clients}", "--samples", str(opts.samples),
                 "--alpha", str(opts.alpha), "--rounds", str(opts.rounds), "--epochs", str(opts.epochs),
                 "--codec", opts.codec, "--state-dir", str(workdir / f"edge-{i}"), "--no-progress",
+                "--strategy", assignments[i][0],
             ]  # fmt: skip
+            budget = assignments[i][1]
+            if budget:
+                edge_cmd += ["--budget", budget]
             edges.append(_spawn(edge_cmd, workdir / f"edge-{i}.log", env))
         print(f"started a hub and {opts.clients} edge clients on {url}", flush=True)
         rows = _observe(opts, manifests, metric, hub, edges, workdir, started)
