@@ -144,3 +144,41 @@ def test_stop_ends_a_round_that_waits_for_the_hub(tmp_path: Path) -> None:
             client.run_round()
         assert time.monotonic() - started < 10
         assert client.run_forever(rounds=3) == []  # already stopped: returns at once
+
+
+def test_forcing_a_strategy_that_cannot_fit_fails_before_any_weight_loads(tmp_path: Path) -> None:
+    from ffm_edge.planner import InsufficientMemoryError
+
+    started = time.monotonic()
+    with pytest.raises(InsufficientMemoryError, match="strategy 'full_q8' needs at least"):
+        EdgeClient(
+            "minilm-l6-v2",
+            tiny_data(),
+            device_id="phone",
+            federation=FED,
+            strategy="full_q8",
+            memory_budget="64MB",
+            state_dir=tmp_path / "phone",
+        )
+    assert time.monotonic() - started < 30  # the planner decides from the spec alone
+
+
+def test_auto_strategy_follows_the_budget(tmp_path: Path) -> None:
+    def client(budget: str) -> EdgeClient:
+        return EdgeClient(
+            "minilm-l6-v2",
+            tiny_data(),
+            device_id="phone",
+            federation=FED,
+            strategy="auto",
+            memory_budget=budget,
+            state_dir=tmp_path / "phone",
+            heartbeat_interval=0,
+        )
+
+    roomy = client("64GB")
+    assert roomy.trainer.strategy.name == "full_q8" and roomy.plan is not None
+    tight_budget = roomy.plan.candidates[-1].estimate.peak_bytes + 1  # only the cheapest configuration fits
+    tight = client(str(tight_budget))
+    assert tight.plan is not None and tight.plan.choice is not None
+    assert tight.trainer.strategy.name == tight.plan.choice.strategy == "head"
