@@ -33,7 +33,7 @@ __all__ = ["BYTES_PER_WEIGHT", "MemoryEstimate", "TrainingShape", "estimate_memo
 MiB = 1024 * 1024
 
 #: Bytes per base weight of a quantized Linear layer (NF4 packs two per byte plus one fp32 absmax per 64).
-BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / 4096, "nf4": 0.5 + 4.0 / 64}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 4.0, "nf4": 0.5 + 4.0 / 64}
 
 #: Cost of the libraries a family needs, above bare torch (calibrated by benchmarks/memory.py).
 RUNTIME_OVERHEAD = {"hf-sequence-classification": 230 * MiB, "efficientnet-lite": 60 * MiB}

@@ -226,13 +226,15 @@ def test_skip_patterns_match_module_components() -> None:
 def test_bundled_specs_have_the_new_fields() -> None:
     minilm = load_model_spec("minilm-l6-v2")
     assert minilm.quant_skip_modules == ("classifier", "pooler") and minilm.gguf_file is None
-    assert minilm.memory == MemorySettings(params=22_713_216, hidden_size=384, num_layers=6, vocab_size=30522)
+    assert minilm.memory is not None
+    assert (minilm.memory.params, minilm.memory.hidden_size, minilm.memory.num_layers) == (22_713_216, 384, 6)
+    assert minilm.memory.vocab_size == 30522 and 0.5 < minilm.memory.activation_factor < 2.0  # calibrated
     smol = load_model_spec("smollm2-135m")
     assert smol.family == "hf-sequence-classification" and smol.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert smol.quant_skip_modules == ("score",) and smol.lora.modules_to_save == ("score",)
     assert smol.lora.target_modules == ("q_proj", "v_proj") and 64 <= smol.max_length <= 128
     assert smol.memory is not None and smol.memory.params == 134_515_008 and smol.memory.num_layers == 30
-    assert smol.memory.activation_factor == 1.0 and isinstance(smol.memory.activation_factor, float)
+    assert isinstance(smol.memory.activation_factor, float) and 0.5 < smol.memory.activation_factor < 2.0
     eff = load_model_spec("efficientnet-lite0")
     assert eff.memory is not None and eff.memory.vocab_size == 0 and eff.quant_skip_modules == ()
 
