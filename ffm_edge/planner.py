@@ -32,6 +32,7 @@ __all__ = [
     "strategy_for",
 ]
 
+
 def capability_order() -> tuple[tuple[str, str], ...]:
     """(strategy, base precision) from the most to the least capable.
 
