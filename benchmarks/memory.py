@@ -608,7 +608,7 @@ def smallest_participating_budget(spec: Any, batch: int, seq: int, available: Se
     from ffm_edge.planner import plan_training
 
     everything = plan_training(spec, 2**50, batch_size=batch, seq_len=seq, available=available)
-    budget = min(c.estimate.peak_bytes for c in everything.candidates if c.strategy in ("lora", "prompt"))
+    budget = min(c.required_bytes for c in everything.candidates if c.strategy in ("lora", "prompt"))
     plan = plan_training(spec, budget, batch_size=batch, seq_len=seq, available=available)
     return budget, plan
 
@@ -619,7 +619,7 @@ def sweep_budgets(spec: Any, batch: int, seq: int, available: Sequence[str], cou
     from ffm_edge.planner import plan_training
 
     everything = plan_training(spec, 2**50, batch_size=batch, seq_len=seq, available=available)
-    top = int(max(c.estimate.peak_bytes for c in everything.candidates) * 1.05)
+    top = int(max(c.required_bytes for c in everything.candidates) * 1.05)
     low, _ = smallest_participating_budget(spec, batch, seq, available)
     steps = max(1, count - 2)
     budgets = [int(top * (low / top) ** (i / steps)) for i in range(steps + 1)]

@@ -16,8 +16,9 @@ Parts:
   ``activation_factor``; gradient checkpointing keeps only each layer's input plus one layer's full
   activations; micro-batching divides by the number of micro-batches; a frozen backbone (head only)
   keeps none.
-- ``load``: the peak while loading: a quantized base read from the cached quantized checkpoint needs only
-  its quantized size, one quantized on the fly needs the fp32 model first.
+- ``load``: the peak while loading. Checkpoints are memory-mapped, so an fp32 base costs little until the
+  first forward pass; a base read from the cached quantized checkpoint is partly resident; one quantized
+  on the fly needs the whole fp32 model first.
 """
 
 from __future__ import annotations
@@ -35,8 +36,25 @@ MiB = 1024 * 1024
 #: Bytes per base weight of a quantized Linear layer (NF4 packs two per byte plus one fp32 absmax per 64).
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 4.0, "nf4": 0.5 + 4.0 / 64}
 
+#: Bytes per weight of a quantized Linear layer as stored (BYTES_PER_WEIGHT is its effective training
+#: cost, which for int8 on CPU is larger: its layers keep fp16/fp32 copies while computing).
+STORED_BYTES_PER_WEIGHT = {"int8": 1.0 + 4.0 / 4096, "nf4": 0.5 + 4.0 / 64}
+
 #: Cost of the libraries a family needs, above bare torch (calibrated by benchmarks/memory.py).
-RUNTIME_OVERHEAD = {"hf-sequence-classification": 230 * MiB, "efficientnet-lite": 60 * MiB}
+RUNTIME_OVERHEAD = {"hf-sequence-classification": 200 * MiB, "efficientnet-lite": 60 * MiB}
+
+#: Importing and applying peft (LoRA, prompt tuning) on top of that (measured: 41-54 MiB).
+PEFT_OVERHEAD = 50 * MiB
+
+#: Strategies that go through peft.
+PEFT_STRATEGIES = frozenset({"lora", "prompt"})
+
+#: Extra bytes per trained scalar that bitsandbytes' 8-bit AdamW needs on CPU during a step: it works on
+#: fp32 copies of the state (measured on SmolLM2-135M; on the 22.7M-parameter MiniLM the gap is larger).
+ADAMW8BIT_CPU_TEMPORARIES = 8.0
+
+#: Fraction of a quantized checkpoint resident after loading (the rest is paged in by the first forward).
+QUANTIZED_RESIDENT_AT_LOAD = 0.5
 
 #: Floats kept per token, per hidden unit, per layer for backprop in a transformer block (calibrated).
 ACTIVATION_FLOATS_PER_HIDDEN = 34.0
@@ -127,13 +145,13 @@ def estimate_memory(
     mem = _constants(spec)
     linear = _linear_params(mem)
     other = mem.params - linear
-    runtime = RUNTIME_OVERHEAD.get(spec.family, 200 * MiB)
+    runtime = RUNTIME_OVERHEAD.get(spec.family, 200 * MiB) + (PEFT_OVERHEAD if strategy in PEFT_STRATEGIES else 0)
     if strategy == "full_q8":
         precision = weight_dtype  # every weight trains: no quantized base
     weights = int(linear * BYTES_PER_WEIGHT[precision] + other * BYTES_PER_WEIGHT.get(weight_dtype, 4.0))
     trainable = trainable_count(spec, strategy, num_labels=shape.num_labels)
     optimizer = optimizer or ("adamw8bit" if strategy == "full_q8" else "adamw")
-    state_per_scalar = 2.0 if optimizer == "adamw8bit" else 8.0
+    state_per_scalar = 2.0 + ADAMW8BIT_CPU_TEMPORARIES if optimizer == "adamw8bit" else 8.0
     grad_bytes = 2.0 if weight_dtype == "bf16" else 4.0
     master = 4.0 if weight_dtype == "bf16" and strategy == "full_q8" else 0.0
     trainable_bytes = int(trainable * (grad_bytes + state_per_scalar + master))
@@ -153,10 +171,16 @@ def estimate_memory(
         activations += 4.0 * linear / max(1, mem.num_layers) / 4
     activations = int(activations)
 
-    if precision == "fp32" or strategy == "full_q8" or quantized_checkpoint_cached:
-        load = runtime + weights
+    # Safetensors checkpoints are memory-mapped: an fp32 base is paged in by the first forward pass (the
+    # training phase), not at load. Quantizing on the fly needs the whole fp32 model resident first.
+    if precision in ("fp32", "bf16") or strategy == "full_q8":
+        load = runtime
     else:
-        load = runtime + int(mem.params * 4.0) + weights
+        stored = linear * STORED_BYTES_PER_WEIGHT[precision]  # the quantized Linear layers as stored
+        if quantized_checkpoint_cached:
+            load = runtime + int(QUANTIZED_RESIDENT_AT_LOAD * stored)
+        else:
+            load = runtime + int(mem.params * 4.0 + stored)
     train = runtime + weights + trainable_bytes + activations
     return MemoryEstimate(
         strategy=strategy,

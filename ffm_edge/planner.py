@@ -61,6 +61,7 @@ class Candidate:
     micro_batch_size: int
     estimate: MemoryEstimate
     fits: bool
+    required_bytes: int = 0  # the predicted peak plus the planner's safety margin
 
     @property
     def label(self) -> str:
@@ -103,8 +104,15 @@ def plan_training(
     strategies: Sequence[str] | None = None,
     force: str | None = None,
     available: Sequence[str] = ("fp32", "int8", "nf4"),
+    safety_margin: float = 0.10,
 ) -> Plan:
-    """Choose a strategy and its levers for ``budget_bytes``; ``available`` lists precisions this device runs."""
+    """Choose a strategy and its levers for ``budget_bytes``; ``available`` lists precisions this device runs.
+
+    A configuration fits when its predicted peak plus ``safety_margin`` (a fraction; the memory model's
+    error on the benchmarked configurations is mostly within ±15 %) is within the budget.
+    """
+    if not 0 <= safety_margin < 1:
+        raise ConfigError(f"safety_margin must be in [0, 1), got {safety_margin}")
     allowed = [
         (s, p)
         for s, p in capability_order()
@@ -115,13 +123,14 @@ def plan_training(
     considered: list[Candidate] = []
     choice: Candidate | None = None
     for strategy, precision, ckpt, micro, est in _candidates(spec, batch_size, seq_len, num_labels, allowed):
-        candidate = Candidate(strategy, precision, ckpt, micro, est, est.peak_bytes <= budget_bytes)
+        required = int(est.peak_bytes * (1 + safety_margin))
+        candidate = Candidate(strategy, precision, ckpt, micro, est, required <= budget_bytes, required)
         considered.append(candidate)
         if candidate.fits and choice is None:
             choice = candidate
     if choice is None:
-        smallest = min(considered, key=lambda c: c.estimate.peak_bytes, default=None)
-        need = f"{smallest.estimate.peak_bytes / 2**20:.0f} MiB ({smallest.label})" if smallest else "n/a"
+        smallest = min(considered, key=lambda c: c.required_bytes, default=None)
+        need = f"{smallest.required_bytes / 2**20:.0f} MiB ({smallest.label})" if smallest else "n/a"
         what = f"strategy {force!r}" if force else "any strategy"
         raise InsufficientMemoryError(
             f"{what} needs at least {need} on {spec.name} at batch {batch_size}, sequence {seq_len}; "
@@ -129,11 +138,12 @@ def plan_training(
         )
     better = [c for c in considered if c is not choice and considered.index(c) < considered.index(choice)]
     reason = f"{choice.label} is the most capable configuration that fits: predicted peak " + (
-        f"{choice.estimate.peak_bytes / 2**20:.0f} MiB <= budget {budget_bytes / 2**20:.0f} MiB"
+        f"{choice.estimate.peak_bytes / 2**20:.0f} MiB (+{safety_margin:.0%} margin) <= budget "
+        f"{budget_bytes / 2**20:.0f} MiB"
     )
     if better:
-        tightest = min(better, key=lambda c: c.estimate.peak_bytes)
-        reason += f"; more capable options need >= {tightest.estimate.peak_bytes / 2**20:.0f} MiB"
+        tightest = min(better, key=lambda c: c.required_bytes)
+        reason += f"; more capable options need >= {tightest.required_bytes / 2**20:.0f} MiB"
     return Plan(budget_bytes=budget_bytes, choice=choice, candidates=considered, reason=reason)
 
 

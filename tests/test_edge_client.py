@@ -178,7 +178,7 @@ def test_auto_strategy_follows_the_budget(tmp_path: Path) -> None:
 
     roomy = client("64GB")
     assert roomy.trainer.strategy.name == "full_q8" and roomy.plan is not None
-    tight_budget = roomy.plan.candidates[-1].estimate.peak_bytes + 1  # only the cheapest configuration fits
+    tight_budget = roomy.plan.candidates[-1].required_bytes + 1  # only the cheapest configuration fits
     tight = client(str(tight_budget))
     assert tight.plan is not None and tight.plan.choice is not None
     assert tight.trainer.strategy.name == tight.plan.choice.strategy == "head"

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ffm_edge.errors import ConfigError
-from ffm_edge.memory import TrainingShape, estimate_memory, micro_batch_options, trainable_count
+from ffm_edge.memory import (
+    ADAMW8BIT_CPU_TEMPORARIES,
+    TrainingShape,
+    estimate_memory,
+    micro_batch_options,
+    trainable_count,
+)
 from ffm_edge.planner import InsufficientMemoryError, format_plan, plan_training
 from ffm_edge.spec import ModelSpec
 
@@ -45,26 +51,27 @@ def test_levers_lower_the_prediction_in_the_expected_order() -> None:
     assert nf4.parts["weights"] < plain.parts["weights"] / 2  # Linear layers at ~4.5 bits, embeddings fp32
     assert estimate_memory(s, "head", TrainingShape(16, 128)).train_bytes < micro.train_bytes
     full = estimate_memory(s, "full_q8", TrainingShape(16, 128))
-    assert full.parts["trainable"] == (100_000_000 + 768 * 2 + 2) * (4 + 2)  # grads + 8-bit AdamW state
+    # grads + 8-bit AdamW state + the fp32 temporaries bitsandbytes' 8-bit AdamW makes on CPU
+    assert full.parts["trainable"] == (100_000_000 + 768 * 2 + 2) * (4 + 2 + ADAMW8BIT_CPU_TEMPORARIES)
 
 
 def test_quantizing_without_a_cached_checkpoint_costs_the_fp32_model_at_load() -> None:
     s = spec()
     cached = estimate_memory(s, "lora", TrainingShape(8, 64), precision="nf4", quantized_checkpoint_cached=True)
     fresh = estimate_memory(s, "lora", TrainingShape(8, 64), precision="nf4", quantized_checkpoint_cached=False)
-    assert fresh.load_bytes - cached.load_bytes == 100_000_000 * 4
+    assert fresh.load_bytes - cached.load_bytes >= 100_000_000 * 4
 
 
 def cheapest(strategy: str, precisions: tuple[str, ...] = ("fp32", "int8", "nf4")) -> int:
     """The smallest predicted peak over every configuration the planner tries for ``strategy``."""
     plan = plan_training(spec(), 10**15, batch_size=16, seq_len=128, force=strategy)
-    return min(c.estimate.peak_bytes for c in plan.candidates if c.precision in precisions)
+    return min(c.required_bytes for c in plan.candidates if c.precision in precisions)
 
 
 def most_expensive_first_choice() -> int:
     plan = plan_training(spec(), 10**15, batch_size=16, seq_len=128)
     assert plan.choice is not None
-    return plan.choice.estimate.peak_bytes
+    return plan.choice.required_bytes
 
 
 @pytest.mark.parametrize(
@@ -86,7 +93,8 @@ def test_planner_picks_the_most_capable_fit(budget, strategy: str, precisions: t
     plan = plan_training(spec(), limit, batch_size=16, seq_len=128)
     assert plan.choice is not None
     assert (plan.choice.strategy, plan.choice.precision in precisions) == (strategy, True), format_plan(plan)
-    assert plan.choice.estimate.peak_bytes <= limit
+    assert plan.choice.required_bytes <= limit
+    assert plan.choice.required_bytes >= plan.choice.estimate.peak_bytes * 1.09  # the default 10 % safety margin
     # Everything considered before the choice did not fit (the order is the preference).
     index = plan.candidates.index(plan.choice)
     assert not any(c.fits for c in plan.candidates[:index])
