@@ -91,3 +91,21 @@ def test_worker_measures_a_small_minilm_run(memory_bench: ModuleType) -> None:
     assert set(prediction["parts"]) == {"runtime", "weights", "trainable", "activations"}
     assert set(record["error"]) == {"load", "train", "peak"}
     assert all(isinstance(value, float) for value in record["error"].values())
+
+
+@linux_only
+def test_memory_model_predicts_a_small_measured_run(memory_bench: ModuleType) -> None:
+    """The planner's memory model against a real run of MiniLM (LoRA, fp32 base, batch 8, sequence 64).
+
+    Tolerance 25 % per phase: the benchmark's full-size runs are mostly within 15 % (benchmarks/README.md);
+    a small run is dominated by library overheads, which vary more between processes.
+    """
+    from ffm_edge.spec import load_model_spec
+
+    cfg = memory_bench.RunConfig(model="minilm-l6-v2", strategy="lora", batch_size=8, seq_len=64, steps=2)
+    record = memory_bench.spawn(cfg, timeout=240)
+    assert record["status"] == "ok", record.get("error")
+    memory_bench.attach_prediction(load_model_spec("minilm-l6-v2"), record)
+    errors = record["error"]
+    assert abs(errors["load"]) <= 0.25, errors
+    assert abs(errors["train"]) <= 0.25, errors
