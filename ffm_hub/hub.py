@@ -52,7 +52,7 @@ from ffm_edge.wire import (
     split_frame,
     validate_id,
 )
-from ffm_hub.aggregate import PartialSum, apply_delta
+from ffm_hub.aggregate import STALENESS_KINDS, PartialSum, apply_delta, is_too_stale, staleness_weight
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
 
 __all__ = ["Hub", "HubSettings"]
@@ -77,6 +77,14 @@ class HubSettings:
     chunk_size: int = field(default=128 * 1024, metadata={"help": "bytes per MQTT message for large frames"})
     publish_timeout: float = 30.0
     device_timeout: float = field(default=90.0, metadata={"help": "a device silent this long is offline"})
+    staleness: str = field(
+        default="polynomial",
+        metadata={"help": "weight of an update built on an older version: " + ", ".join(STALENESS_KINDS)},
+    )
+    staleness_alpha: float = field(default=0.5, metadata={"help": "exponent (polynomial) or slope (hinge)"})
+    max_staleness: int | None = field(
+        default=None, metadata={"help": "reject updates more than this many versions behind (None: never)"}
+    )
     limits: WireLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -88,6 +96,10 @@ class HubSettings:
                 errors.append(str(exc))
         if not self.device_timeout > 0:
             errors.append(f"device_timeout must be > 0, got {self.device_timeout}")
+        try:
+            staleness_weight(0, kind=self.staleness, alpha=self.staleness_alpha, max_staleness=self.max_staleness)
+        except ConfigError as exc:
+            errors.append(str(exc))
         if self.tau < 1:
             errors.append(f"tau must be >= 1, got {self.tau}")
         if not self.server_lr > 0:
@@ -409,6 +421,12 @@ class Hub:
             return None  # a duplicate of an accepted update: receipt it again
         if meta.base_version > self.current_version:
             return "malformed", f"base version {meta.base_version} is newer than the hub's {self.current_version}"
+        staleness = self.current_version - meta.base_version  # versions it will be behind when aggregated
+        if is_too_stale(staleness, self.settings.max_staleness):
+            return (
+                "stale",
+                f"built on version {meta.base_version}, {staleness} behind (max {self.settings.max_staleness})",
+            )
         if self._strategy_tensors is not None:
             allowed = self._strategy_tensors.get(meta.strategy)
             if allowed is None:
@@ -432,9 +450,11 @@ class Hub:
             return
         started = time.perf_counter()
         partial = PartialSum()
-        for item in queued:
+        staleness = [self.current_version - item.base_version for item in queued]
+        for item, behind in zip(queued, staleness, strict=True):
             _meta, tensors = decode_update(self.store.load_update(item.update_id), limits=self.settings.limits)
-            partial.add(tensors, float(item.num_samples))
+            weight = staleness_weight(behind, kind=self.settings.staleness, alpha=self.settings.staleness_alpha)
+            partial.add(tensors, float(item.num_samples) * weight)
         state = apply_delta(self._global, partial.mean(), self.settings.server_lr)
         aggregation_s = time.perf_counter() - started
         metrics = dict(self._evaluate(state)) if self._evaluate else {}
@@ -446,6 +466,7 @@ class Hub:
                 "bytes_out": float(self._bytes_out),
                 "num_samples": float(sum(item.num_samples for item in queued)),
                 "devices": float(len({item.device for item in queued})),
+                "mean_staleness": float(sum(staleness) / len(staleness)),
             }
         )
         parent = self.current_version

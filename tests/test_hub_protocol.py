@@ -275,3 +275,36 @@ def test_mixed_strategies_aggregate_per_tensor_and_pull_their_own_tensors(tmp_pa
     np.testing.assert_allclose(pulled["head"], 3.25)
     hub.stop()
     store.close()
+
+
+def test_stale_updates_are_weighted_down_and_too_stale_ones_rejected(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    store = SqliteStore(tmp_path / "store")
+    settings = HubSettings(federation=FED, tau=1, staleness="polynomial", staleness_alpha=0.5, max_staleness=1)
+    hub = Hub(settings, transport, store, initial_state=lambda: STATE)
+    hub.start()
+    d1 = Device(broker, "d1")
+    for base in (0, 1):  # tau = 1: each update makes a version; the hub is now at version 2
+        d1.send_update(delta(0.0), base=base)
+        d1.next(Receipt)
+    assert hub.wait_idle() and hub.current_version == 2
+    d1.send_update(delta(1.0), base=0)  # 2 versions behind: over max_staleness = 1
+    rejection = d1.next(Rejection)
+    assert rejection.reason == "stale" and "2 behind" in rejection.detail
+    hub.stop()
+    # Same store, tau = 2: a fresh update (base 2) and one a version behind (base 1) are averaged with
+    # weights n * (1 + staleness) ** -0.5: 10 * 1 and 10 * 2 ** -0.5 = 7.0711.
+    hub = Hub(HubSettings(federation=FED, tau=2, max_staleness=1), transport, store, initial_state=lambda: STATE)
+    hub.start()
+    d1.send_update(delta(1.0), n=10, base=2)
+    d1.next(Receipt)
+    d1.send_update(delta(3.0), n=10, base=1)
+    d1.next(Receipt)
+    assert hub.wait_idle() and hub.current_version == 3
+    expected = (10 * 1.0 + 10 * 2**-0.5 * 3.0) / (10 + 10 * 2**-0.5)  # 1.8284
+    np.testing.assert_allclose(hub.global_state()["lora_A"], expected, rtol=1e-6)
+    assert store.latest_version().metrics["mean_staleness"] == 0.5
+    hub.stop()
+    store.close()
