@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--also-strategies", default="",
                        help="comma-separated further strategies devices may train (a mixed federation)")  # fmt: skip
     serve.add_argument("--tau", type=int, default=3, help="aggregate when this many updates are queued")
+    serve.add_argument("--staleness", default="polynomial", choices=("constant", "polynomial", "hinge"),
+                       help="how an update built on an older global version is weighted down")  # fmt: skip
+    serve.add_argument("--staleness-alpha", type=float, default=0.5, help="exponent (polynomial) or slope (hinge)")
+    serve.add_argument("--max-staleness", type=int, default=None,
+                       help="reject updates more than this many versions behind (default: never)")  # fmt: skip
     serve.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η of FedAvg")
     serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
     serve.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
@@ -111,6 +116,9 @@ def _serve(args: argparse.Namespace) -> int:
         extra_strategies=tuple(s for s in args.also_strategies.split(",") if s),
         tau=args.tau,
         server_lr=args.server_lr,
+        staleness=args.staleness,
+        staleness_alpha=args.staleness_alpha,
+        max_staleness=args.max_staleness,
         state_dir=args.state_dir,
         broker=args.broker,
         broker_kind=args.broker_kind,

@@ -34,6 +34,9 @@ class ServeOptions:
     extra_strategies: tuple[str, ...] = ()
     tau: int = 3
     server_lr: float = 1.0
+    staleness: str = "polynomial"
+    staleness_alpha: float = 0.5
+    max_staleness: int | None = None
     state_dir: Path = field(default_factory=lambda: Path("ffm-hub-state"))
     broker: str | None = None
     broker_kind: str = "auto"
@@ -83,6 +86,9 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         strategy=opts.strategy,
         tau=opts.tau,
         server_lr=opts.server_lr,
+        staleness=opts.staleness,
+        staleness_alpha=opts.staleness_alpha,
+        max_staleness=opts.max_staleness,
         chunk_size=opts.chunk_size,
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,11 @@ write-to-temp, fsync, rename, fsync-directory. An update is durable before :meth
 returns, so the receipt that follows it is a promise the hub can keep after ``kill -9``. A version is
 committed in one transaction together with marking the updates it consumed, so no update is counted
 twice and the version never moves backwards.
+
+:class:`HubStore` is the one persistence contract; :class:`SqliteStore` is the durable backend and
+:class:`MemoryStore` an in-memory one with the same semantics (for tests). Both are checked by the
+same contract suite (``tests/test_store_contract.py``). Unknown ids: ``get_*`` return ``None``,
+``load_*`` raise :class:`KeyError`.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ffm_edge.fsutil import write_durably
 
-__all__ = ["AcceptResult", "HubStore", "QueuedUpdate", "SqliteStore", "VersionRecord"]
+__all__ = ["AcceptResult", "HubStore", "MemoryStore", "QueuedUpdate", "SqliteStore", "VersionRecord"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,11 @@ class HubStore(ABC):
 
     @abstractmethod
     def accept_update(self, update: QueuedUpdate, frame: bytes) -> AcceptResult:
-        """Make an update durable; a second call with the same id is a duplicate and changes nothing."""
+        """Make an update durable; a second call with the same id is a duplicate and changes nothing.
+
+        The stored record has ``size=len(frame)``, status ``queued`` and ``received_at`` from
+        ``update`` (the current time when it is falsy); the first frame accepted for an id wins.
+        """
 
     @abstractmethod
     def queued(self) -> list[QueuedUpdate]:
@@ -75,15 +85,20 @@ class HubStore(ABC):
 
     @abstractmethod
     def get_update(self, update_id: str) -> QueuedUpdate | None:
-        """Metadata of any accepted update, aggregated or not."""
+        """Metadata of any accepted update, aggregated or not; None for an unknown id."""
 
     @abstractmethod
     def load_update(self, update_id: str) -> bytes:
-        """The frame of an accepted update."""
+        """The frame of an accepted update; :class:`KeyError` for an unknown id."""
 
     @abstractmethod
     def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
-        """Store a new version and mark ``consumed`` updates aggregated, atomically."""
+        """Store a new version and mark ``consumed`` updates aggregated, atomically.
+
+        Raises :class:`ValueError` when ``record.version`` is not newer than the latest stored version,
+        or when a consumed id is not queued (unknown, already aggregated, or listed twice); on any error
+        nothing changes: no version row, no frame, no update consumed.
+        """
 
     @abstractmethod
     def latest_version(self) -> VersionRecord | None:
@@ -91,15 +106,28 @@ class HubStore(ABC):
 
     @abstractmethod
     def get_version(self, version: int) -> VersionRecord | None:
-        """Metadata of one version."""
+        """Metadata of one version; None for an unknown (or pruned) version."""
 
     @abstractmethod
     def load_version(self, version: int) -> bytes:
-        """The frame of one global version."""
+        """The frame of one global version; :class:`KeyError` for an unknown (or pruned) version."""
 
     @abstractmethod
     def versions(self) -> list[VersionRecord]:
         """Every stored version, oldest first."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Number of updates per status (``queued``, ``aggregated``); statuses with none are absent."""
+
+    @abstractmethod
+    def prune_versions(self, keep: int) -> list[int]:
+        """Delete every version but the newest ``keep`` (``keep >= 1``, so never the latest).
+
+        Row and frame both go, even for a version that is the parent of a kept one; :meth:`versions`
+        then lists only the kept ones. Updates keep their ``aggregated_into``. Returns the pruned
+        version numbers, oldest first. :class:`ValueError` when ``keep < 1``.
+        """
 
     @abstractmethod
     def close(self) -> None:
@@ -211,7 +239,10 @@ class SqliteStore(HubStore):
         return None if row is None else self._update_row(row)
 
     def load_update(self, update_id: str) -> bytes:
-        return self._update_path(update_id).read_bytes()
+        try:
+            return self._update_path(update_id).read_bytes()
+        except FileNotFoundError as exc:
+            raise KeyError(update_id) from exc
 
     def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
         consumed = list(consumed)
@@ -265,7 +296,10 @@ class SqliteStore(HubStore):
         return None if row is None else self._version_row(row)
 
     def load_version(self, version: int) -> bytes:
-        return self._version_path(version).read_bytes()
+        try:
+            return self._version_path(version).read_bytes()
+        except FileNotFoundError as exc:
+            raise KeyError(version) from exc
 
     def versions(self) -> list[VersionRecord]:
         with self._lock:
@@ -278,6 +312,128 @@ class SqliteStore(HubStore):
             rows = self._db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall()
         return {status: int(n) for status, n in rows}
 
+    def prune_versions(self, keep: int) -> list[int]:
+        _check_keep(keep)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version FROM versions ORDER BY version DESC LIMIT -1 OFFSET ?", (keep,)
+            ).fetchall()
+            pruned = sorted(int(row[0]) for row in rows)
+            if not pruned:
+                return []
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("DELETE FROM versions WHERE version = ?", [(v,) for v in pruned])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            # Files go after the commit: a crash in between leaves orphans that the next start removes.
+            for v in pruned:
+                self._version_path(v).unlink(missing_ok=True)
+        return pruned
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _check_keep(keep: int) -> None:
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (the latest version is never pruned), got {keep}")
+
+
+class MemoryStore(HubStore):
+    """In-memory backend with the semantics of :class:`SqliteStore` (nothing survives the process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._updates: dict[str, QueuedUpdate] = {}  # insertion order is arrival order
+        self._update_frames: dict[str, bytes] = {}
+        self._versions: dict[int, VersionRecord] = {}
+        self._version_frames: dict[int, bytes] = {}
+
+    @staticmethod
+    def _copy_version(record: VersionRecord) -> VersionRecord:
+        return replace(record, metrics=dict(record.metrics))
+
+    def _queue_length(self) -> int:
+        return sum(1 for u in self._updates.values() if u.status == "queued")
+
+    def accept_update(self, update: QueuedUpdate, frame: bytes) -> AcceptResult:
+        with self._lock:
+            duplicate = update.update_id in self._updates
+            if not duplicate:
+                self._updates[update.update_id] = replace(
+                    update,
+                    size=len(frame),
+                    received_at=update.received_at or time.time(),
+                    status="queued",
+                    aggregated_into=None,
+                )
+                self._update_frames[update.update_id] = bytes(frame)
+            return AcceptResult(duplicate=duplicate, queue_length=self._queue_length())
+
+    def queued(self) -> list[QueuedUpdate]:
+        with self._lock:
+            return [u for u in self._updates.values() if u.status == "queued"]
+
+    def get_update(self, update_id: str) -> QueuedUpdate | None:
+        with self._lock:
+            return self._updates.get(update_id)
+
+    def load_update(self, update_id: str) -> bytes:
+        with self._lock:
+            return self._update_frames[update_id]
+
+    def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
+        consumed = list(consumed)
+        with self._lock:
+            latest = max(self._versions, default=None)
+            if latest is not None and record.version <= latest:
+                raise ValueError(f"version {record.version} is not newer than stored version {latest}")
+            # Validate everything before changing anything: the commit is all or nothing.
+            changed: dict[str, QueuedUpdate] = {}
+            for update_id in consumed:
+                current = self._updates.get(update_id)
+                if current is None or current.status != "queued" or update_id in changed:
+                    raise ValueError(f"update {update_id} is not queued")
+                changed[update_id] = replace(current, status="aggregated", aggregated_into=record.version)
+            self._versions[record.version] = self._copy_version(record)
+            self._version_frames[record.version] = bytes(frame)
+            self._updates.update(changed)
+
+    def latest_version(self) -> VersionRecord | None:
+        with self._lock:
+            if not self._versions:
+                return None
+            return self._copy_version(self._versions[max(self._versions)])
+
+    def get_version(self, version: int) -> VersionRecord | None:
+        with self._lock:
+            record = self._versions.get(version)
+            return None if record is None else self._copy_version(record)
+
+    def load_version(self, version: int) -> bytes:
+        with self._lock:
+            return self._version_frames[version]
+
+    def versions(self) -> list[VersionRecord]:
+        with self._lock:
+            return [self._copy_version(self._versions[v]) for v in sorted(self._versions)]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(Counter(u.status for u in self._updates.values()))
+
+    def prune_versions(self, keep: int) -> list[int]:
+        _check_keep(keep)
+        with self._lock:
+            pruned = sorted(self._versions)[:-keep]
+            for v in pruned:
+                del self._versions[v]
+                del self._version_frames[v]
+        return pruned
+
+    def close(self) -> None:
+        """Nothing to release; the data stays readable until the store is dropped."""
