@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--staleness-alpha", type=float, default=0.5, help="exponent (polynomial) or slope (hinge)")
     serve.add_argument("--max-staleness", type=int, default=None,
                        help="reject updates more than this many versions behind (default: never)")  # fmt: skip
+    serve.add_argument("--keep-versions", type=int, default=None,
+                       help="keep only the newest N global versions on disk (default: all)")  # fmt: skip
     serve.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η of FedAvg")
     serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
     serve.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
@@ -119,6 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
         staleness=args.staleness,
         staleness_alpha=args.staleness_alpha,
         max_staleness=args.max_staleness,
+        keep_versions=args.keep_versions,
         state_dir=args.state_dir,
         broker=args.broker,
         broker_kind=args.broker_kind,

@@ -82,6 +82,9 @@ class HubSettings:
         metadata={"help": "weight of an update built on an older version: " + ", ".join(STALENESS_KINDS)},
     )
     staleness_alpha: float = field(default=0.5, metadata={"help": "exponent (polynomial) or slope (hinge)"})
+    keep_versions: int | None = field(
+        default=None, metadata={"help": "keep only the newest N global versions (None: keep every one)"}
+    )
     max_staleness: int | None = field(
         default=None, metadata={"help": "reject updates more than this many versions behind (None: never)"}
     )
@@ -100,6 +103,8 @@ class HubSettings:
             staleness_weight(0, kind=self.staleness, alpha=self.staleness_alpha, max_staleness=self.max_staleness)
         except ConfigError as exc:
             errors.append(str(exc))
+        if self.keep_versions is not None and self.keep_versions < 1:
+            errors.append(f"keep_versions must be >= 1, got {self.keep_versions}")
         if self.tau < 1:
             errors.append(f"tau must be >= 1, got {self.tau}")
         if not self.server_lr > 0:
@@ -227,6 +232,10 @@ class Hub:
             metrics=metrics,
         )
         self.store.commit_version(record, frame, consumed)
+        if self.settings.keep_versions is not None:
+            pruned = self.store.prune_versions(self.settings.keep_versions)
+            if pruned:
+                log.info("pruned global versions %s (keeping %d)", pruned, self.settings.keep_versions)
         self._global, self._current = state, record
         self.counters["versions"] += 1
         log.info("global version %d (%s, %d updates) %s", version, kind, len(consumed), _fmt(metrics))

@@ -37,6 +37,7 @@ class ServeOptions:
     staleness: str = "polynomial"
     staleness_alpha: float = 0.5
     max_staleness: int | None = None
+    keep_versions: int | None = None
     state_dir: Path = field(default_factory=lambda: Path("ffm-hub-state"))
     broker: str | None = None
     broker_kind: str = "auto"
@@ -89,6 +90,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         staleness=opts.staleness,
         staleness_alpha=opts.staleness_alpha,
         max_staleness=opts.max_staleness,
+        keep_versions=opts.keep_versions,
         chunk_size=opts.chunk_size,
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True)

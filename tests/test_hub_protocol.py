@@ -308,3 +308,25 @@ def test_stale_updates_are_weighted_down_and_too_stale_ones_rejected(tmp_path: P
     assert store.latest_version().metrics["mean_staleness"] == 0.5
     hub.stop()
     store.close()
+
+
+def test_retention_prunes_old_versions_and_late_joiners_get_the_current_one(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    store = SqliteStore(tmp_path / "store")
+    hub = Hub(HubSettings(federation=FED, tau=1, keep_versions=2), transport, store, initial_state=lambda: STATE)
+    hub.start()
+    d1 = Device(broker, "d1")
+    for base in range(3):
+        d1.send_update(delta(1.0), base=base)
+        d1.next(Receipt)
+    assert hub.wait_idle() and hub.current_version == 3
+    assert [v.version for v in store.versions()] == [2, 3]
+    late = Device(broker, "late")  # joins after a week: hello, then the latest version
+    late.control(Hello("late", None, "lora"))
+    assert late.next(Manifest).version == 3
+    late.control(PullRequest("late", 0, "pull-old"))
+    assert late.next(PullError).reason == "unknown_version"  # pruned
+    hub.stop()
+    store.close()

@@ -1,0 +1,351 @@
+"""``ffm-hub serve --config hub.toml``: the hub's settings in one TOML file.
+
+The file is grouped in tables; every key maps onto one :class:`~ffm_hub.service.ServeOptions` field
+(or onto a setting of the service around it: the metrics port, torch threads). :data:`FIELDS` is the
+single table of keys, types, defaults and meanings: validation, :func:`example_config` and the docs
+are all generated from it, so they cannot drift apart.
+
+Every problem in a file is reported at once, one per line with its key path: unknown keys (with a
+did-you-mean), wrong types, values out of range::
+
+    hub.toml: 3 problems
+      aggregation.tau: must be >= 1, got 0
+      broker.knd: unknown key (did you mean 'broker.kind'?)
+      federation.extra_strategies: must be a list of strings, got str
+
+TOML has no null: leave an optional key out (or comment it out) for "not set".
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ffm_edge.errors import ConfigError, DecodeError
+from ffm_hub.service import ServeOptions
+
+__all__ = ["FIELDS", "ConfigField", "HubConfig", "example_config", "load_hub_config", "validate_hub_config"]
+
+# A check returns a problem ("must be ...") or None.
+Check = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One key of the config file."""
+
+    table: str
+    key: str
+    target: str  # ServeOptions field, or "metrics_port" / "metrics_bind" / "threads" of HubConfig
+    kind: str  # str | int | float | bool | path | list[str]
+    default: Any  # None: not set (the key is left out)
+    help: str
+    example: Any = None  # a value shown, commented out, for an optional key with no default
+    check: Check | None = None
+    zero_is_none: bool = False  # 0 means "not set" (off / no limit)
+
+    @property
+    def path(self) -> str:
+        return f"{self.table}.{self.key}"
+
+
+def _at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low}, got {v}"
+
+
+def _between(low: int, high: int) -> Check:
+    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}], got {v}"
+
+
+def _positive_finite(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else f"must be a finite number > 0, got {v}"
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: str) -> str | None:
+        if v in choices:
+            return None
+        return f"must be one of {', '.join(choices)}, got {v!r}" + _suggest(v, choices)
+
+    return check
+
+
+def _identifier(what: str) -> Check:
+    def check(v: str) -> str | None:
+        from ffm_edge.wire import validate_id
+
+        try:
+            validate_id(v, what)
+        except DecodeError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _strategy(v: str) -> str | None:
+    from ffm_edge.strategies import STRATEGIES  # imports torch: only when a file is validated
+
+    if v in STRATEGIES:
+        return None
+    return f"unknown strategy {v!r}, expected one of {', '.join(sorted(STRATEGIES))}" + _suggest(v, STRATEGIES)
+
+
+def _strategies(v: list[str]) -> str | None:
+    problems = [p for p in (_strategy(s) for s in v) if p]
+    return "; ".join(problems) or None
+
+
+def _broker_url(v: str) -> str | None:
+    from ffm_edge.transport.mqtt import parse_broker_url
+
+    try:
+        parse_broker_url(v)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def _chunk_size(v: int) -> str | None:
+    from ffm_edge.wire import DEFAULT_LIMITS
+
+    return _between(1024, DEFAULT_LIMITS.max_chunk_bytes)(v)
+
+
+_D = ServeOptions()
+
+#: Every key of the config file, in the order of the example. The single source of truth.
+FIELDS: tuple[ConfigField, ...] = (
+    ConfigField("federation", "name", "federation", "str", _D.federation,
+                "federation name (letters, digits, '.', '-', '_'); devices join it by this name",
+                check=_identifier("federation")),
+    ConfigField("federation", "hub_id", "hub_id", "str", _D.hub_id,
+                "this hub's id within the federation (MQTT client id and zeroconf name)",
+                check=_identifier("hub_id")),
+    ConfigField("federation", "model", "model", "str", _D.model,
+                "model spec name (models/*.toml) or path to a spec file", check=_non_empty),
+    ConfigField("federation", "task", "task", "str", _D.task,
+                "task of the head, and of the held-out evaluation data (sst2, mrpc, digits, ...)",
+                check=_non_empty),
+    ConfigField("federation", "strategy", "strategy", "str", _D.strategy,
+                "strategy whose tensors the federation trains (lora, prompt, head, full_q8)", check=_strategy),
+    ConfigField("federation", "extra_strategies", "extra_strategies", "list[str]", list(_D.extra_strategies),
+                "further strategies devices may train (a mixed federation), e.g. [\"head\", \"prompt\"]",
+                check=_strategies),
+    ConfigField("federation", "seed", "seed", "int", _D.seed,
+                "seed of the initial global version and of the evaluation sample", check=_at_least(0)),
+    ConfigField("federation", "advertise", "advertise", "bool", _D.advertise,
+                "advertise the hub on the local network with zeroconf (edges then need no broker URL)"),
+    ConfigField("aggregation", "tau", "tau", "int", _D.tau,
+                "aggregate (FedAvg) as soon as this many accepted updates are queued", check=_at_least(1)),
+    ConfigField("aggregation", "server_lr", "server_lr", "float", _D.server_lr,
+                "server learning rate η of FedAvg: new = old + η · mean(delta)", check=_positive_finite),
+    ConfigField("aggregation", "chunk_size", "chunk_size", "int", _D.chunk_size,
+                "bytes per MQTT message when a global version is sent in chunks", check=_chunk_size),
+    ConfigField("broker", "url", "broker", "str", _D.broker,
+                "mqtt://HOST:PORT of an existing broker; leave out to run a managed broker (below)",
+                example="mqtt://broker.local:1883", check=_broker_url),
+    ConfigField("broker", "kind", "broker_kind", "str", _D.broker_kind,
+                "managed broker to run when no url is given: auto (Mosquitto if installed, else amqtt), "
+                "mosquitto or amqtt", check=_one_of("auto", "mosquitto", "amqtt")),
+    ConfigField("broker", "port", "broker_port", "int", _D.broker_port,
+                "port the managed broker listens on (0 = any free port)", check=_between(0, 65535)),
+    ConfigField("broker", "bind", "broker_bind", "str", _D.broker_bind,
+                "address the managed broker listens on (0.0.0.0 = every interface)", check=_non_empty),
+    ConfigField("evaluation", "limit", "eval_limit", "int", _D.eval_limit,
+                "held-out examples evaluated per global version (0 = all of them)",
+                check=_at_least(0), zero_is_none=True),
+    ConfigField("evaluation", "data_dir", "data_dir", "str", _D.data_dir,
+                "GLUE-format data folder; leave out to use $FFM_DATA_DIR",
+                example="/srv/ffm/data", check=_non_empty),
+    ConfigField("storage", "state_dir", "state_dir", "path", str(_D.state_dir),
+                "folder of the durable update queue, the global versions and the managed broker's files",
+                check=_non_empty),
+    ConfigField("metrics", "port", "metrics_port", "int", 0,
+                "port of the Prometheus /metrics endpoint (0 = no metrics endpoint)",
+                check=_between(0, 65535), zero_is_none=True),
+    ConfigField("metrics", "bind", "metrics_bind", "str", "127.0.0.1",
+                "address the metrics endpoint listens on (0.0.0.0 = every interface)", check=_non_empty),
+    ConfigField("runtime", "threads", "threads", "int", 0,
+                "torch CPU threads (0 = torch's default)", check=_at_least(0), zero_is_none=True),
+)  # fmt: skip
+
+_TABLE_HELP = {
+    "federation": "Which federation this hub serves, and what it trains.",
+    "aggregation": "When and how updates become a new global version.",
+    "broker": "The MQTT broker: an existing one (url), or one the hub runs itself.",
+    "evaluation": "Held-out evaluation of each global version (its accuracy etc.).",
+    "storage": "Durable state.",
+    "metrics": "Prometheus metrics over HTTP (GET /metrics).",
+    "runtime": "Process settings.",
+}
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """A validated config: the service options, plus the settings of the process around the hub."""
+
+    options: ServeOptions = field(default_factory=ServeOptions)
+    metrics_port: int | None = None  # None: no metrics endpoint
+    metrics_bind: str = "127.0.0.1"
+    threads: int | None = None  # None: torch's default
+
+
+def _closest(word: str, candidates: Any) -> str | None:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _suggest(word: str, candidates: Any) -> str:
+    match = _closest(word, candidates)
+    return f" (did you mean {match!r}?)" if match else ""
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "string", list: "array", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _coerce(spec: ConfigField, value: Any) -> tuple[Any, str | None]:
+    """The value converted to the field's kind, or a problem."""
+    kind = spec.kind
+    if kind in ("str", "path"):
+        if not isinstance(value, str):
+            return None, f"must be a string, got {_type_name(value)} {value!r}"
+        return value, None
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None, f"must be an integer, got {_type_name(value)} {value!r}"
+        return value, None
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None, f"must be a number, got {_type_name(value)} {value!r}"
+        return float(value), None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            return None, f"must be true or false, got {_type_name(value)} {value!r}"
+        return value, None
+    if kind == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return None, f"must be an array of strings, got {_type_name(value)} {value!r}"
+        return list(value), None
+    raise AssertionError(f"unknown kind {kind}")  # pragma: no cover
+
+
+def validate_hub_config(data: Mapping[str, Any], *, source: str = "config") -> HubConfig:
+    """Validate a parsed TOML document; raise one :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    by_table: dict[str, dict[str, ConfigField]] = {}
+    for item in FIELDS:
+        by_table.setdefault(item.table, {})[item.key] = item
+    all_paths = [spec.path for spec in FIELDS]
+    values: dict[str, Any] = {}
+
+    for table, content in data.items():
+        if table not in by_table:
+            # A key put at the top level (``tau = 5``) or a misspelt table: suggest the full path.
+            leaf = [s.path for s in FIELDS if s.key == table]
+            hint = f" (did you mean {leaf[0]!r}?)" if leaf else _suggest(table, by_table)
+            problems.append(f"{table}: unknown {'table' if isinstance(content, dict) else 'key'}{hint}")
+            continue
+        if not isinstance(content, dict):
+            problems.append(f"{table}: must be a table ([{table}]), got {_type_name(content)}")
+            continue
+        for key, value in content.items():
+            path = f"{table}.{key}"
+            found = by_table[table].get(key)
+            if found is None:
+                # The right key in the wrong table, a misspelt key, or a misspelt path.
+                elsewhere = [s.path for s in FIELDS if s.key == key]
+                near = _closest(key, by_table[table])
+                guess = elsewhere[0] if elsewhere else f"{table}.{near}" if near else _closest(path, all_paths)
+                problems.append(f"{path}: unknown key" + (f" (did you mean {guess!r}?)" if guess else ""))
+                continue
+            spec = found
+            coerced, problem = _coerce(spec, value)
+            if problem is None and spec.check is not None:
+                problem = spec.check(coerced)
+            if problem is not None:
+                problems.append(f"{path}: {problem}")
+                continue
+            if spec.zero_is_none and coerced == 0:
+                coerced = None
+            values[spec.target] = coerced
+
+    # Cross-field checks (only when both values are themselves valid).
+    strategy = values.get("strategy", _D.strategy)
+    if strategy in values.get("extra_strategies", ()):
+        problems.append(f"federation.extra_strategies: lists the primary strategy {strategy!r} again")
+    metrics_port = values.get("metrics_port")
+    broker_port = values.get("broker_port", _D.broker_port)
+    if metrics_port is not None and values.get("broker") is None and metrics_port == broker_port:
+        problems.append(f"metrics.port: {metrics_port} is also the managed broker's port (broker.port)")
+
+    if problems:
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise ConfigError(f"{source}: {len(problems)} {noun}\n" + "\n".join(f"  {p}" for p in problems))
+
+    extra = {name: values.pop(name) for name in ("metrics_port", "metrics_bind", "threads") if name in values}
+    if "extra_strategies" in values:
+        values["extra_strategies"] = tuple(values["extra_strategies"])
+    if "state_dir" in values:
+        values["state_dir"] = Path(values["state_dir"])
+    known = {f.name for f in fields(ServeOptions)}
+    assert set(values) <= known, set(values) - known
+    return HubConfig(options=ServeOptions(**values), **extra)
+
+
+def load_hub_config(path: str | Path) -> HubConfig:
+    """Read and validate a hub config file (TOML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read hub config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return validate_hub_config(data, source=str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")  # pragma: no cover
+
+
+def example_config() -> str:
+    """A commented config with every key at its default (loading it gives the defaults)."""
+    lines = [
+        "# ffm-hub configuration: `ffm-hub serve --config hub.toml`.",
+        "# Every key is shown with its default; leave a key out to keep the default.",
+        "# Optional keys shown commented out are not set by default (TOML has no null).",
+    ]
+    table = None
+    for spec in FIELDS:
+        if spec.table != table:
+            table = spec.table
+            lines += ["", f"# {_TABLE_HELP[table]}", f"[{table}]"]
+        lines.append(f"# {spec.help}")
+        if spec.default is None:
+            lines.append(f"# {spec.key} = {_toml_value(spec.example)}")
+        else:
+            lines.append(f"{spec.key} = {_toml_value(spec.default)}")
+    return "\n".join(lines) + "\n"
