@@ -53,6 +53,7 @@ from ffm_edge.wire import (
     validate_id,
 )
 from ffm_hub.aggregate import STALENESS_KINDS, PartialSum, apply_delta, is_too_stale, staleness_weight
+from ffm_hub.faults import crash_point
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
 
 __all__ = ["Hub", "HubSettings"]
@@ -402,8 +403,10 @@ class Hub:
             frame,
         )
         self.counters["duplicates" if result.duplicate else "accepted"] += 1
+        crash_point("accepted")
         receipt = Receipt(meta.update_id, self.current_version, result.queue_length, result.duplicate)
         self._send(self.topics.downlink_control(device), encode_message(receipt))
+        crash_point("receipted")
         log.info(
             "%s update %s from %s (n=%d, base v%d), queue %d/%d",
             "duplicate" if result.duplicate else "accepted",
@@ -466,6 +469,7 @@ class Hub:
             partial.add(tensors, float(item.num_samples) * weight)
         state = apply_delta(self._global, partial.mean(), self.settings.server_lr)
         aggregation_s = time.perf_counter() - started
+        crash_point("aggregating")
         metrics = dict(self._evaluate(state)) if self._evaluate else {}
         metrics.update(
             {

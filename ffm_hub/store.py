@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ffm_edge.fsutil import write_durably
+from ffm_hub.faults import crash_point
 
 __all__ = ["AcceptResult", "HubStore", "MemoryStore", "QueuedUpdate", "SqliteStore", "VersionRecord"]
 
@@ -251,6 +252,7 @@ class SqliteStore(HubStore):
             if latest is not None and record.version <= latest:
                 raise ValueError(f"version {record.version} is not newer than stored version {latest}")
             write_durably(self._version_path(record.version), frame)
+            crash_point("committing")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
