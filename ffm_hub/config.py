@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import textwrap
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -64,6 +65,16 @@ def _between(low: int, high: int) -> Check:
 
 def _positive_finite(v: float) -> str | None:
     return None if math.isfinite(v) and v > 0 else f"must be a finite number > 0, got {v}"
+
+
+def _non_negative_finite(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else f"must be a finite number >= 0, got {v}"
+
+
+def _staleness_kind(v: str) -> str | None:
+    from ffm_hub.aggregate import STALENESS_KINDS
+
+    return _one_of(*STALENESS_KINDS)(v)
 
 
 def _one_of(*choices: str) -> Check:
@@ -149,6 +160,15 @@ FIELDS: tuple[ConfigField, ...] = (
                 "aggregate (FedAvg) as soon as this many accepted updates are queued", check=_at_least(1)),
     ConfigField("aggregation", "server_lr", "server_lr", "float", _D.server_lr,
                 "server learning rate η of FedAvg: new = old + η · mean(delta)", check=_positive_finite),
+    ConfigField("aggregation", "staleness", "staleness", "str", _D.staleness,
+                "how an update built on an older global version is weighted down: constant, polynomial "
+                "((1 + s)^-alpha) or hinge (1 while s <= 4, then 1 / (alpha (s - 4) + 1))",
+                check=_staleness_kind),
+    ConfigField("aggregation", "staleness_alpha", "staleness_alpha", "float", _D.staleness_alpha,
+                "exponent (polynomial) or slope (hinge) of the staleness weight, >= 0", check=_non_negative_finite),
+    ConfigField("aggregation", "max_staleness", "max_staleness", "int", _D.max_staleness,
+                "reject updates more than this many versions behind; leave out to never reject for staleness",
+                example=10, check=_at_least(0)),
     ConfigField("aggregation", "chunk_size", "chunk_size", "int", _D.chunk_size,
                 "bytes per MQTT message when a global version is sent in chunks", check=_chunk_size),
     ConfigField("broker", "url", "broker", "str", _D.broker,
@@ -170,6 +190,9 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("storage", "state_dir", "state_dir", "path", str(_D.state_dir),
                 "folder of the durable update queue, the global versions and the managed broker's files",
                 check=_non_empty),
+    ConfigField("storage", "keep_versions", "keep_versions", "int", _D.keep_versions,
+                "keep only the newest N global versions on disk; leave out to keep every version",
+                example=20, check=_at_least(1)),
     ConfigField("metrics", "port", "metrics_port", "int", 0,
                 "port of the Prometheus /metrics endpoint (0 = no metrics endpoint)",
                 check=_between(0, 65535), zero_is_none=True),
@@ -343,7 +366,7 @@ def example_config() -> str:
         if spec.table != table:
             table = spec.table
             lines += ["", f"# {_TABLE_HELP[table]}", f"[{table}]"]
-        lines.append(f"# {spec.help}")
+        lines += [f"# {line}" for line in textwrap.wrap(spec.help, 100)]
         if spec.default is None:
             lines.append(f"# {spec.key} = {_toml_value(spec.example)}")
         else:
