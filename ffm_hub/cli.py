@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the hub service", formatter_class=fmt,
                            description="Run the hub until SIGTERM/Ctrl-C. Without --broker it runs a broker "
                            "itself: Mosquitto when installed, else the in-process amqtt broker.")  # fmt: skip
+    serve.add_argument("--config", type=Path, default=None,
+                       help="TOML file (see `ffm-hub example-config`); replaces the other serve flags")  # fmt: skip
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
+    serve.add_argument("--metrics-bind", default="127.0.0.1", help="address of the metrics endpoint")
     serve.add_argument("--federation", default="default", help="federation name")
     serve.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
     serve.add_argument("--task", default="sst2", help="task of the head, and of the held-out evaluation data")
@@ -68,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-advertise", action="store_true", help="do not advertise the hub with zeroconf")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     serve.add_argument("--seed", type=int, default=0, help="seed of the initial global version")
+
+    sub.add_parser("example-config", help="print a commented hub.toml with every setting and its default")
 
     status = sub.add_parser("status", help="print versions and queue of a hub's store", formatter_class=fmt)
     status.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="the hub's state folder")
@@ -106,36 +112,53 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from ffm_hub.service import ServeOptions, serve
 
-    if args.threads:
+    metrics_port, metrics_bind, threads = args.metrics_port, args.metrics_bind, args.threads
+    if args.config is not None:
+        from ffm_hub.config import load_hub_config
+
+        config = load_hub_config(args.config)
+        opts = config.options
+        metrics_port = metrics_port if metrics_port is not None else config.metrics_port
+        metrics_bind = config.metrics_bind if args.metrics_bind == "127.0.0.1" else args.metrics_bind
+        threads = threads or config.threads
+    else:
+        opts = ServeOptions(
+            federation=args.federation,
+            model=args.model,
+            task=args.task,
+            strategy=args.strategy,
+            extra_strategies=tuple(s for s in args.also_strategies.split(",") if s),
+            tau=args.tau,
+            server_lr=args.server_lr,
+            staleness=args.staleness,
+            staleness_alpha=args.staleness_alpha,
+            max_staleness=args.max_staleness,
+            keep_versions=args.keep_versions,
+            state_dir=args.state_dir,
+            broker=args.broker,
+            broker_kind=args.broker_kind,
+            broker_port=args.broker_port,
+            broker_bind=args.broker_bind,
+            eval_limit=args.eval_limit,
+            data_dir=args.data_dir,
+            seed=args.seed,
+            advertise=not args.no_advertise,
+        )
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    opts = ServeOptions(
-        federation=args.federation,
-        model=args.model,
-        task=args.task,
-        strategy=args.strategy,
-        extra_strategies=tuple(s for s in args.also_strategies.split(",") if s),
-        tau=args.tau,
-        server_lr=args.server_lr,
-        staleness=args.staleness,
-        staleness_alpha=args.staleness_alpha,
-        max_staleness=args.max_staleness,
-        keep_versions=args.keep_versions,
-        state_dir=args.state_dir,
-        broker=args.broker,
-        broker_kind=args.broker_kind,
-        broker_port=args.broker_port,
-        broker_bind=args.broker_bind,
-        eval_limit=args.eval_limit,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        advertise=not args.no_advertise,
-    )
+        torch.set_num_threads(threads)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    serve(opts, stop)
+    serve(opts, stop, metrics_port=metrics_port, metrics_bind=metrics_bind)
+    return 0
+
+
+def _example_config(args: argparse.Namespace) -> int:
+    from ffm_hub.config import example_config
+
+    print(example_config(), end="")
     return 0
 
 
@@ -190,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ffm-hub``."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    commands = {"serve": _serve, "status": _status, "demo": _demo}
+    commands = {"serve": _serve, "status": _status, "demo": _demo, "example-config": _example_config}
     try:
         return commands[args.command](args)
     except FFMError as exc:

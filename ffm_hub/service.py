@@ -162,9 +162,25 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         yield hub
 
 
-def serve(opts: ServeOptions, stop: threading.Event | None = None) -> None:
-    """Run the hub until ``stop`` is set (or forever)."""
+def serve(
+    opts: ServeOptions,
+    stop: threading.Event | None = None,
+    *,
+    metrics_port: int | None = None,
+    metrics_bind: str = "127.0.0.1",
+) -> None:
+    """Run the hub until ``stop`` is set (or forever), with Prometheus metrics when a port is given."""
     stop = stop or threading.Event()
-    with running_hub(opts):
-        stop.wait()
+    with running_hub(opts) as hub:
+        metrics = None
+        if metrics_port:
+            from ffm_hub.metrics import start_metrics_server
+
+            metrics, port = start_metrics_server(hub, metrics_port, metrics_bind)
+            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_bind, port)
+        try:
+            stop.wait()
+        finally:
+            if metrics is not None:
+                metrics.stop()
     log.info("hub stopped")

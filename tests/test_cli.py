@@ -18,7 +18,8 @@ from ffm_hub.cli import build_parser as hub_parser
     ("parser", "argv", "expected"),
     [
         (hub_parser, ["--help"], ["serve", "status", "demo", "examples:"]),
-        (hub_parser, ["serve", "--help"], ["--tau", "--server-lr", "--broker", "Mosquitto", "amqtt"]),
+        (hub_parser, ["serve", "--help"], ["--tau", "--server-lr", "--broker", "Mosquitto", "amqtt", "--config"]),
+        (hub_parser, ["serve", "--help"], ["--metrics-port", "--max-staleness", "--keep-versions"]),
         (hub_parser, ["demo", "--help"], ["--clients", "--rounds", "FFM_DATA_DIR", "digits"]),
         (edge_parser, ["--help"], ["run", "profile", "examples:"]),
         (edge_parser, ["profile", "--help"], ["--budget", "--json", "bitsandbytes"]),
