@@ -55,6 +55,7 @@ from ffm_edge.wire import (
 from ffm_hub.aggregate import STALENESS_KINDS, PartialSum, apply_delta, is_too_stale, staleness_weight
 from ffm_hub.faults import crash_point
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
+from ffm_hub.switching import ACTIONS, SwitchingPolicy
 
 __all__ = ["Hub", "HubSettings"]
 
@@ -129,6 +130,8 @@ class Hub:
         evaluate: Evaluator | None = None,
         on_version: Callable[[VersionRecord], None] | None = None,
         strategy_tensors: Mapping[str, Collection[str]] | None = None,
+        central_step: Callable[[State], State] | None = None,
+        policy: SwitchingPolicy | None = None,
     ) -> None:
         self.settings = settings
         self.transport = transport
@@ -140,6 +143,8 @@ class Hub:
             {name: frozenset(names) for name, names in strategy_tensors.items()} if strategy_tensors else None
         )
         self._variant_cache: dict[tuple[int, str], bytes] = {}
+        self._central_step = central_step  # optimization on the hub's public data (the paper's FFM)
+        self._policy = policy
         self._evaluate = evaluate
         self._on_version = on_version
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
@@ -470,7 +475,18 @@ class Hub:
         state = apply_delta(self._global, partial.mean(), self.settings.server_lr)
         aggregation_s = time.perf_counter() - started
         crash_point("aggregating")
+        kind = "fedavg"
+        central_s = 0.0
+        if self._central_step is not None and (self._policy is None or self._policy.central_after_aggregate):
+            central_started = time.perf_counter()
+            state = self._central_step(state)
+            kind = "fedavg+central"
+            central_s = time.perf_counter() - central_started
         metrics = dict(self._evaluate(state)) if self._evaluate else {}
+        if self._policy is not None:
+            state, kind, metrics = self._switch(state, kind, metrics)
+        if self._central_step is not None:
+            metrics["central_s"] = central_s
         metrics.update(
             {
                 "aggregation_s": aggregation_s,
@@ -483,14 +499,34 @@ class Hub:
             }
         )
         parent = self.current_version
-        record = self._commit(
-            state, parent=parent, kind="fedavg", consumed=[q.update_id for q in queued], metrics=metrics
-        )
+        record = self._commit(state, parent=parent, kind=kind, consumed=[q.update_id for q in queued], metrics=metrics)
         self._bytes_in = self._bytes_out = 0
         self._round_started = time.time()
         self._publish_manifest()
         if self._on_version is not None:
             self._on_version(record)
+
+    def _switch(self, candidate: State, kind: str, metrics: dict[str, float]) -> tuple[State, str, dict[str, float]]:
+        """Let the policy keep, revert or down-weight a candidate version (the adaptive rule)."""
+        assert self._policy is not None and self._current is not None
+        key = next(iter(metrics), None)
+        previous = self._current.metrics.get(key) if key else None
+        decision = self._policy.decide(previous, metrics.get(key) if key else None)
+        log.info("switching: %s (%s)", decision.action, decision.reason)
+        metrics = {**metrics, "decision": float(ACTIONS.index(decision.action))}
+        if decision.action == "publish":
+            return candidate, kind, metrics
+        if key is not None:
+            metrics[f"candidate_{key}"] = metrics[key]
+        if decision.action == "revert":
+            kept = {k: self._current.metrics[k] for k in metrics if k in self._current.metrics and "@" not in k}
+            return self.global_state(), "reverted", {**metrics, **kept}
+        mixed = {
+            name: (self._global[name] + decision.mix * (candidate[name] - self._global[name])).astype(np.float32)
+            for name in candidate
+        }
+        fresh = dict(self._evaluate(mixed)) if self._evaluate else {}
+        return mixed, "downweighted", {**metrics, **fresh}
 
     # -- output ---------------------------------------------------------------------------------------
     def _manifest(self) -> Manifest:
