@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reject updates more than this many versions behind (default: never)")  # fmt: skip
     serve.add_argument("--keep-versions", type=int, default=None,
                        help="keep only the newest N global versions on disk (default: all)")  # fmt: skip
+    serve.add_argument("--central-epochs", type=int, default=0,
+                       help="epochs on the hub's public data after each aggregation (0 = none)")  # fmt: skip
+    serve.add_argument("--public-limit", type=int, default=64, help="public training examples the hub holds")
+    serve.add_argument("--policy", default="fixed", choices=("fixed", "federated-only", "adaptive"),
+                       help="fixed: always publish; adaptive: revert an aggregate that does worse")  # fmt: skip
+    serve.add_argument("--policy-tolerance", type=float, default=0.0, help="adaptive: a drop this small publishes")
     serve.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η of FedAvg")
     serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
     serve.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
@@ -134,6 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
             staleness_alpha=args.staleness_alpha,
             max_staleness=args.max_staleness,
             keep_versions=args.keep_versions,
+            central_epochs=args.central_epochs,
+            public_limit=args.public_limit,
+            policy=args.policy,
+            policy_tolerance=args.policy_tolerance,
             state_dir=args.state_dir,
             broker=args.broker,
             broker_kind=args.broker_kind,

@@ -38,6 +38,10 @@ class ServeOptions:
     staleness_alpha: float = 0.5
     max_staleness: int | None = None
     keep_versions: int | None = None
+    central_epochs: int = 0  # epochs on the hub's public data after each aggregation (0: none)
+    public_limit: int = 64  # public training examples the hub holds
+    policy: str = "fixed"  # fixed | federated-only | adaptive
+    policy_tolerance: float = 0.0
     state_dir: Path = field(default_factory=lambda: Path("ffm-hub-state"))
     broker: str | None = None
     broker_kind: str = "auto"
@@ -138,6 +142,20 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
                 metrics.update({f"{k}{suffix}": v for k, v in trainer.evaluate(eval_data).items()})
             return metrics
 
+        central_step = None
+        if opts.central_epochs > 0:
+            primary = trainers[opts.strategy]
+            public = load_split(opts.task, "train", data_dir=opts.data_dir, limit=opts.public_limit, seed=opts.seed + 1)
+            log.info("public data for the central step: %s", describe(public))
+
+            def central_step(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                primary.load_trainable_state({k: state[k] for k in primary.tensor_names})
+                primary.train(public, epochs=opts.central_epochs)
+                return {**state, **primary.trainable_state()}
+
+        from ffm_hub.switching import make_policy
+
+        kwargs = {"tolerance": opts.policy_tolerance} if opts.policy == "adaptive" else {}
         hub = Hub(
             settings,
             transport,
@@ -145,6 +163,8 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
             initial_state=lambda: initial,
             evaluate=evaluate,
             strategy_tensors=strategy_tensors if len(trainers) > 1 else None,
+            central_step=central_step,
+            policy=make_policy(opts.policy, **kwargs) if opts.policy != "fixed" else None,
         )
         hub.start()
         stack.callback(hub.stop)
