@@ -156,7 +156,8 @@ _M = TypeVar("_M", bound="_StrictMeta")
 
 
 class _StrictMeta:
-    """Shared ``to_dict``/``from_dict`` for metadata dataclasses that validate in ``__post_init__``."""
+    """Shared ``to_dict``/``from_dict`` for wire records (metadata here, control messages in
+    :mod:`ffm_edge.wire.messages`) that validate in ``__post_init__``."""
 
     _what: ClassVar[str]
 
@@ -174,7 +175,12 @@ class _StrictMeta:
         all_fields = fields(cls)  # type: ignore[arg-type]
         required = [f.name for f in all_fields if f.default is MISSING and f.default_factory is MISSING]
         optional = [f.name for f in all_fields if f.name not in required]
-        return cls(**check_keys(data, cls._what, required=required, optional=optional))
+        return cls(**check_keys(data, cls._record_name(), required=required, optional=optional))
+
+    @classmethod
+    def _record_name(cls) -> str:
+        """What error messages call this record."""
+        return cls._what
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

@@ -7,21 +7,18 @@ fields and wrong types are refused, so a hub and a device never guess at each ot
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError
 from ffm_edge.wire.codec import CODECS
-from ffm_edge.wire.envelope import MAX_MODEL_CHARS
+from ffm_edge.wire.envelope import MAX_MODEL_CHARS, _StrictMeta
 from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
 from ffm_edge.wire.topics import (
     check_bool,
     check_choice,
     check_float,
     check_int,
-    check_keys,
     check_metrics,
     check_optional_int,
     check_sha256,
@@ -75,29 +72,15 @@ PULL_ERROR_REASONS = frozenset({"unknown_version", "unavailable", "malformed", "
 #: Longest ``detail`` text of a rejection or pull error; senders should truncate longer texts.
 MAX_DETAIL_CHARS = 1024
 
-_M = TypeVar("_M", bound="_Message")
 
-
-class _Message:
-    """Shared ``to_dict``/``from_dict``; subclasses validate in ``__post_init__``."""
+class _Message(_StrictMeta):
+    """A control message; subclasses validate in ``__post_init__``. ``to_dict`` leaves out ``v`` and ``type``."""
 
     type: ClassVar[str]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (without ``v`` and ``type``)."""
-        result: dict[str, Any] = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            result[f.name] = dict(value) if isinstance(value, dict) else value
-        return result
-
     @classmethod
-    def from_dict(cls: builtins.type[_M], data: Mapping[str, Any]) -> _M:
-        """Build from the fields (without ``v`` and ``type``); anything off is a MalformedError."""
-        all_fields = fields(cls)  # type: ignore[arg-type]
-        required = [f.name for f in all_fields if f.default is MISSING and f.default_factory is MISSING]
-        optional = [f.name for f in all_fields if f.name not in required]
-        return cls(**check_keys(data, f"{cls.type} message", required=required, optional=optional))
+    def _record_name(cls) -> str:
+        return f"{cls.type} message"
 
 
 @dataclass(frozen=True)
