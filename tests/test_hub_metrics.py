@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import queue
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from wire_device import FED, Device
 
 from ffm_edge.errors import ConfigError
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport
 from ffm_edge.wire import (
-    ChunkAssembler,
     Receipt,
     Rejection,
-    Topics,
-    UpdateMeta,
-    decode_message,
-    encode_update,
-    split_frame,
 )
 from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.metrics import start_metrics_server  # imports prometheus_client lazily
@@ -29,38 +22,8 @@ from ffm_hub.store import SqliteStore
 
 parser = pytest.importorskip("prometheus_client.parser")
 
-FED = "fed"
+
 STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
-
-
-class Device:
-    """A scripted device speaking the wire protocol directly (as in test_hub_protocol)."""
-
-    def __init__(self, broker: InMemoryBroker, device_id: str) -> None:
-        self.id = device_id
-        self.topics = Topics(FED)
-        self.inbox: queue.Queue[object] = queue.Queue()
-        self.assembler = ChunkAssembler()
-        self.transport = InMemoryTransport(broker, device_id)
-        self.transport.subscribe(self.topics.downlink_control(device_id), self._on_ctl)
-        self.transport.connect()
-
-    def _on_ctl(self, _topic: str, payload: bytes) -> None:
-        self.inbox.put(decode_message(payload))
-
-    def send_update(self, delta: dict[str, np.ndarray], *, n: int = 10) -> str:
-        meta = UpdateMeta(FED, self.id, uuid.uuid4().hex, 0, "lora", n, "fp32", time.time())
-        for chunk in split_frame(encode_update(meta, delta), chunk_size=1024, transfer_id=meta.update_id):
-            self.transport.publish(self.topics.uplink_update(self.id), chunk)
-        return meta.update_id
-
-    def next(self, kind: type, timeout: float = 10.0) -> object:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            item = self.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
-            if isinstance(item, kind):
-                return item
-        raise AssertionError(f"no {kind.__name__} within {timeout}s")
 
 
 def delta(value: float) -> dict[str, np.ndarray]:

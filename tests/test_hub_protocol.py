@@ -6,83 +6,29 @@ Each bad input gets a rejection with its reason and changes nothing; good update
 
 from __future__ import annotations
 
-import queue
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from wire_device import FED, Device
 
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport
 from ffm_edge.wire import (
-    ChunkAssembler,
     Hello,
     Manifest,
     PullError,
     PullRequest,
     Receipt,
     Rejection,
-    Topics,
     UpdateMeta,
     decode_global,
-    decode_message,
-    encode_message,
     encode_update,
-    split_frame,
 )
 from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.store import SqliteStore
 
-FED = "fed"
 STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
-
-
-class Device:
-    """A scripted device speaking the wire protocol directly."""
-
-    def __init__(self, broker: InMemoryBroker, device_id: str) -> None:
-        self.id = device_id
-        self.topics = Topics(FED)
-        self.inbox: queue.Queue[object] = queue.Queue()
-        self.assembler = ChunkAssembler()
-        self.transport = InMemoryTransport(broker, device_id)
-        self.transport.subscribe(self.topics.downlink_control(device_id), self._on_ctl)
-        self.transport.subscribe(self.topics.downlink_global(device_id), self._on_chunk)
-        self.transport.connect()
-
-    def _on_ctl(self, _topic: str, payload: bytes) -> None:
-        self.inbox.put(decode_message(payload))
-
-    def _on_chunk(self, _topic: str, payload: bytes) -> None:
-        done = self.assembler.add(payload)
-        if done is not None:
-            self.inbox.put(done)
-
-    def send_frame(self, frame: bytes, transfer_id: str, chunk_size: int = 1024) -> None:
-        for chunk in split_frame(frame, chunk_size=chunk_size, transfer_id=transfer_id):
-            self.transport.publish(self.topics.uplink_update(self.id), chunk)
-
-    def send_update(self, delta: dict[str, np.ndarray], *, n: int = 10, base: int = 0, **overrides: object) -> str:
-        fields: dict[str, object] = dict(
-            federation=FED, device=self.id, update_id=uuid.uuid4().hex, base_version=base, strategy="lora",
-            num_samples=n, codec="fp32", created_at=time.time(),
-        )  # fmt: skip
-        fields.update(overrides)
-        meta = UpdateMeta(**fields)  # type: ignore[arg-type]
-        self.send_frame(encode_update(meta, delta), meta.update_id)
-        return meta.update_id
-
-    def control(self, message: object) -> None:
-        self.transport.publish(self.topics.uplink_control(self.id), encode_message(message))
-
-    def next(self, kind: type, timeout: float = 10.0) -> object:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            item = self.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
-            if isinstance(item, kind):
-                return item
-        raise AssertionError(f"no {kind.__name__} within {timeout}s")
 
 
 @pytest.fixture()
