@@ -120,11 +120,6 @@ def _plan(args: argparse.Namespace) -> int:
     spec = load_model_spec(args.model)
     profile = probe_device(args.budget)
     budget = parse_bytes(args.budget) if args.budget else profile.budget_bytes
-    available = ["fp32"]
-    if profile.bitsandbytes.int8:
-        available.append("int8")
-    if profile.bitsandbytes.nf4:
-        available.append("nf4")
     result = plan_training(
         spec,
         budget,
@@ -132,7 +127,7 @@ def _plan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len or spec.max_length,
         num_labels=args.num_labels,
         force=args.force,
-        available=available,
+        available=profile.base_precisions,
     )
     print(f"model {spec.name}, batch {args.batch_size or spec.training.batch_size}, "
           f"sequence {args.seq_len or spec.max_length}")  # fmt: skip

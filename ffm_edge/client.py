@@ -196,9 +196,6 @@ class EdgeClient:
                 return "lora", None
             return strategy, None
         profile = probe_device(budget)
-        available = ["fp32"]
-        available += ["int8"] if profile.bitsandbytes.int8 else []
-        available += ["nf4"] if profile.bitsandbytes.nf4 else []
         forced = None if strategy == "auto" else (strategy if isinstance(strategy, str) else strategy.name)
         self.plan = plan_training(
             self.spec,
@@ -207,7 +204,7 @@ class EdgeClient:
             seq_len=self.spec.max_length,
             num_labels=self.data.info.num_labels,
             force=forced,
-            available=available,
+            available=profile.base_precisions,
         )  # raises InsufficientMemoryError before any weight is loaded
         assert self.plan.choice is not None
         log.info("%s: %s", self.device_id, self.plan.reason)

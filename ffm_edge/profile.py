@@ -122,6 +122,11 @@ class DeviceProfile:
     ram_source: str
     capabilities_source: str
 
+    @property
+    def base_precisions(self) -> tuple[str, ...]:
+        """Base-model precisions this device can train on: fp32, plus what bitsandbytes really ran."""
+        return ("fp32",) + ("int8",) * self.bitsandbytes.int8 + ("nf4",) * self.bitsandbytes.nf4
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (nested dataclasses become dicts)."""
         return dataclasses.asdict(self)

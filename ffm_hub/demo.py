@@ -112,10 +112,9 @@ def _assign_strategies(opts: DemoOptions, model: str) -> list[tuple[str, str | N
             if budget is None:
                 raise FFMError("a client with strategy auto needs a budget (--client-budgets)")
             profile = probe_device(budget)
-            available = ["fp32"] + ["int8"] * profile.bitsandbytes.int8 + ["nf4"] * profile.bitsandbytes.nf4
             plan = plan_training(
                 spec, parse_bytes(budget), batch_size=spec.training.batch_size, seq_len=spec.max_length,
-                available=available,
+                available=profile.base_precisions,
             )  # fmt: skip
             assert plan.choice is not None
             chosen = plan.choice.strategy

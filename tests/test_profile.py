@@ -360,3 +360,16 @@ def test_module_rejects_a_bad_budget_and_has_help() -> None:
     assert out.returncode == 2 and "e.g. '600MB'" in out.stderr
     helped = _run_module("--help")
     assert helped.returncode == 0 and "--refresh" in helped.stdout and "--check-bnb" not in helped.stdout
+
+
+def test_base_precisions_follow_the_bitsandbytes_checks(probed: tuple[DeviceProfile, Path]) -> None:
+    import dataclasses
+
+    profile, _ = probed
+    check = profile.bitsandbytes
+    without = dataclasses.replace(profile, bitsandbytes=dataclasses.replace(check, int8=False, nf4=False))
+    nf4_only = dataclasses.replace(profile, bitsandbytes=dataclasses.replace(check, int8=False, nf4=True))
+    both = dataclasses.replace(profile, bitsandbytes=dataclasses.replace(check, int8=True, nf4=True))
+    assert without.base_precisions == ("fp32",)
+    assert nf4_only.base_precisions == ("fp32", "nf4")
+    assert both.base_precisions == ("fp32", "int8", "nf4")
