@@ -51,7 +51,7 @@ from ffm_edge.wire import (
 if TYPE_CHECKING:
     from ffm_edge.planner import Plan
 
-__all__ = ["ClientStopped", "EdgeClient", "ProgressEvent", "RoundResult"]
+__all__ = ["ClientStopped", "EdgeClient", "PreparedUpdate", "ProgressEvent", "RoundResult"]
 
 log = logging.getLogger("ffm.edge")
 
@@ -82,6 +82,17 @@ class RoundResult:
     bytes_up: int
     bytes_down: int
     queue_length: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """A trained, encoded update already in the outbox, not yet receipted (see :meth:`EdgeClient.prepare_update`)."""
+
+    meta: UpdateMeta
+    frame: bytes
+    train: TrainReport
+    bytes_down: int
     seconds: float
 
 
@@ -428,8 +439,12 @@ class EdgeClient:
             "it stays in the outbox and is sent again later"
         )
 
-    def run_round(self) -> RoundResult:
-        """One federated round; returns when the hub has receipted the update."""
+    def prepare_update(self) -> PreparedUpdate:
+        """First half of a round: hold the current global version, train on it, keep the delta in the outbox.
+
+        Split from :meth:`send_update` so an app can train while offline and send later (or a simulator
+        can decide when the update arrives); the update is durable in the outbox either way.
+        """
         started = time.perf_counter()
         self.send_pending()
         down_before = self._bytes_down
@@ -462,23 +477,41 @@ class EdgeClient:
         )
         frame = encode_update(meta, delta)
         self.outbox.put(meta.update_id, frame)
-        receipt = self._deliver(meta.update_id, frame)
         self._last_base = base
         self._rounds += 1
+        return PreparedUpdate(
+            meta=meta,
+            frame=frame,
+            train=report,
+            bytes_down=self._bytes_down - down_before,
+            seconds=time.perf_counter() - started,
+        )
+
+    def send_update(self, prepared: PreparedUpdate) -> RoundResult:
+        """Second half of a round: send a prepared update and wait for the hub's receipt."""
+        started = time.perf_counter()
+        meta = prepared.meta
+        receipt = self._deliver(meta.update_id, prepared.frame)
         result = RoundResult(
             round=self._rounds,
-            base_version=base,
+            base_version=meta.base_version,
             update_id=meta.update_id,
-            num_samples=len(self.data),
-            train=report,
-            bytes_up=sum(len(c) for c in split_frame(frame, chunk_size=self.chunk_size, transfer_id=meta.update_id)),
-            bytes_down=self._bytes_down - down_before,
+            num_samples=meta.num_samples,
+            train=prepared.train,
+            bytes_up=sum(
+                len(c) for c in split_frame(prepared.frame, chunk_size=self.chunk_size, transfer_id=meta.update_id)
+            ),
+            bytes_down=prepared.bytes_down,
             queue_length=receipt.queue_length,
-            seconds=time.perf_counter() - started,
+            seconds=prepared.seconds + time.perf_counter() - started,
         )
         if self.on_round is not None:
             self.on_round(result)
         return result
+
+    def run_round(self) -> RoundResult:
+        """One federated round; returns when the hub has receipted the update."""
+        return self.send_update(self.prepare_update())
 
     def run_forever(self, rounds: int | None = None, *, stop: threading.Event | None = None) -> list[RoundResult]:
         """Run rounds until ``rounds`` are done or :meth:`stop` is called; transient failures are retried.
