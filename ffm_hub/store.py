@@ -93,13 +93,21 @@ class HubStore(ABC):
         """The frame of an accepted update; :class:`KeyError` for an unknown id."""
 
     @abstractmethod
-    def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
+    def commit_version(
+        self, record: VersionRecord, frame: bytes, consumed: Iterable[str], server_state: bytes | None = None
+    ) -> None:
         """Store a new version and mark ``consumed`` updates aggregated, atomically.
 
+        ``server_state`` is the server optimizer's buffers after this version (opaque bytes), committed
+        in the same transaction so a restart resumes momentum with the version it belongs to.
         Raises :class:`ValueError` when ``record.version`` is not newer than the latest stored version,
         or when a consumed id is not queued (unknown, already aggregated, or listed twice); on any error
-        nothing changes: no version row, no frame, no update consumed.
+        nothing changes: no version row, no frame, no server state, no update consumed.
         """
+
+    @abstractmethod
+    def load_server_state(self, version: int) -> bytes | None:
+        """The server optimizer state committed with ``version``; None when there was none (or pruned)."""
 
     @abstractmethod
     def latest_version(self) -> VersionRecord | None:
@@ -158,6 +166,10 @@ CREATE TABLE IF NOT EXISTS versions (
     num_updates INTEGER NOT NULL,
     kind TEXT NOT NULL,
     metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_state (
+    version INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
 );
 """
 
@@ -245,7 +257,9 @@ class SqliteStore(HubStore):
         except FileNotFoundError as exc:
             raise KeyError(update_id) from exc
 
-    def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
+    def commit_version(
+        self, record: VersionRecord, frame: bytes, consumed: Iterable[str], server_state: bytes | None = None
+    ) -> None:
         consumed = list(consumed)
         with self._lock:
             latest = self._db.execute("SELECT MAX(version) FROM versions").fetchone()[0]
@@ -276,6 +290,8 @@ class SqliteStore(HubStore):
                     )
                     if cur.rowcount != 1:
                         raise ValueError(f"update {update_id} is not queued")
+                if server_state is not None:
+                    self._db.execute("INSERT INTO server_state VALUES (?, ?)", (record.version, server_state))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -303,6 +319,11 @@ class SqliteStore(HubStore):
         except FileNotFoundError as exc:
             raise KeyError(version) from exc
 
+    def load_server_state(self, version: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT data FROM server_state WHERE version = ?", (version,)).fetchone()
+        return None if row is None else bytes(row[0])
+
     def versions(self) -> list[VersionRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM versions ORDER BY version").fetchall()
@@ -326,6 +347,7 @@ class SqliteStore(HubStore):
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("DELETE FROM versions WHERE version = ?", [(v,) for v in pruned])
+                self._db.executemany("DELETE FROM server_state WHERE version = ?", [(v,) for v in pruned])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -354,6 +376,7 @@ class MemoryStore(HubStore):
         self._update_frames: dict[str, bytes] = {}
         self._versions: dict[int, VersionRecord] = {}
         self._version_frames: dict[int, bytes] = {}
+        self._server_states: dict[int, bytes] = {}
 
     @staticmethod
     def _copy_version(record: VersionRecord) -> VersionRecord:
@@ -388,7 +411,9 @@ class MemoryStore(HubStore):
         with self._lock:
             return self._update_frames[update_id]
 
-    def commit_version(self, record: VersionRecord, frame: bytes, consumed: Iterable[str]) -> None:
+    def commit_version(
+        self, record: VersionRecord, frame: bytes, consumed: Iterable[str], server_state: bytes | None = None
+    ) -> None:
         consumed = list(consumed)
         with self._lock:
             latest = max(self._versions, default=None)
@@ -403,6 +428,8 @@ class MemoryStore(HubStore):
                 changed[update_id] = replace(current, status="aggregated", aggregated_into=record.version)
             self._versions[record.version] = self._copy_version(record)
             self._version_frames[record.version] = bytes(frame)
+            if server_state is not None:
+                self._server_states[record.version] = bytes(server_state)
             self._updates.update(changed)
 
     def latest_version(self) -> VersionRecord | None:
@@ -420,6 +447,10 @@ class MemoryStore(HubStore):
         with self._lock:
             return self._version_frames[version]
 
+    def load_server_state(self, version: int) -> bytes | None:
+        with self._lock:
+            return self._server_states.get(version)
+
     def versions(self) -> list[VersionRecord]:
         with self._lock:
             return [self._copy_version(self._versions[v]) for v in sorted(self._versions)]
@@ -435,6 +466,7 @@ class MemoryStore(HubStore):
             for v in pruned:
                 del self._versions[v]
                 del self._version_frames[v]
+                self._server_states.pop(v, None)
         return pruned
 
     def close(self) -> None:

@@ -130,6 +130,34 @@ def test_commit_rolls_back_completely_on_a_bad_consumed_id(store: HubStore, cons
     assert store.queued() == [] and store.load_version(1) == b"v1"
 
 
+def test_server_state_is_committed_with_its_version(store: HubStore) -> None:
+    store.commit_version(version(0, None), b"v0", [])
+    store.accept_update(update("u1"), b"1")
+    store.commit_version(version(1, 0), b"v1", ["u1"], server_state=b"momentum-after-v1")
+    assert store.load_server_state(0) is None  # committed without one
+    assert store.load_server_state(1) == b"momentum-after-v1"
+    assert store.load_server_state(7) is None  # unknown version
+    store.accept_update(update("u2"), b"2")
+    with pytest.raises(ValueError, match="not queued"):  # a failed commit leaves no server state behind
+        store.commit_version(version(2, 1), b"v2", ["u2", "missing"], server_state=b"never")
+    assert store.load_server_state(2) is None
+    store.commit_version(version(2, 1), b"v2", ["u2"], server_state=b"momentum-after-v2")
+    assert store.load_server_state(2) == b"momentum-after-v2"
+    assert store.prune_versions(1) == [0, 1]  # pruning a version drops its server state too
+    assert store.load_server_state(1) is None and store.load_server_state(2) == b"momentum-after-v2"
+
+
+def test_sqlite_server_state_survives_reopening(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "store")
+    first.commit_version(version(0, None), b"v0", [], server_state=b"\x00\x01binary")
+    first.close()
+    reopened = SqliteStore(tmp_path / "store")
+    try:
+        assert reopened.load_server_state(0) == b"\x00\x01binary"
+    finally:
+        reopened.close()
+
+
 def test_version_must_move_forward(store: HubStore) -> None:
     store.commit_version(version(3, None), b"v3", [])
     store.accept_update(update("u1"), b"1")
