@@ -52,10 +52,17 @@ from ffm_edge.wire import (
     split_frame,
     validate_id,
 )
-from ffm_hub.aggregate import STALENESS_KINDS, PartialSum, apply_delta, is_too_stale, staleness_weight
+from ffm_hub.aggregate import (
+    STALENESS_KINDS,
+    PartialSum,
+    ServerOptimizer,
+    is_too_stale,
+    make_server_optimizer,
+    staleness_weight,
+)
 from ffm_hub.faults import crash_point
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
-from ffm_hub.switching import ACTIONS, SwitchingPolicy
+from ffm_hub.switching import ACTIONS, Decision, SwitchingPolicy
 
 __all__ = ["Hub", "HubSettings"]
 
@@ -75,6 +82,13 @@ class HubSettings:
     strategy: str = "lora"
     tau: int = field(default=3, metadata={"help": "aggregate when this many accepted updates are queued"})
     server_lr: float = field(default=1.0, metadata={"help": "server learning rate η"})
+    server_optimizer: str = field(
+        default="fedavg", metadata={"help": "fedavg, fedavgm (server momentum) or fedadam (Reddi et al. 2021)"}
+    )
+    server_momentum: float = field(default=0.9, metadata={"help": "fedavgm: momentum of the server step"})
+    server_beta1: float = field(default=0.9, metadata={"help": "fedadam: first-moment decay"})
+    server_beta2: float = field(default=0.99, metadata={"help": "fedadam: second-moment decay"})
+    server_epsilon: float = field(default=1e-3, metadata={"help": "fedadam: adaptivity τ added to sqrt(v)"})
     global_codec: str = field(default="fp32", metadata={"help": "codec of published global versions"})
     chunk_size: int = field(default=128 * 1024, metadata={"help": "bytes per MQTT message for large frames"})
     publish_timeout: float = 30.0
@@ -111,10 +125,25 @@ class HubSettings:
             errors.append(f"tau must be >= 1, got {self.tau}")
         if not self.server_lr > 0:
             errors.append(f"server_lr must be > 0, got {self.server_lr}")
+        else:
+            try:
+                self.make_server_optimizer()
+            except ConfigError as exc:
+                errors.append(str(exc))
         if not 1024 <= self.chunk_size <= self.limits.max_chunk_bytes:
             errors.append(f"chunk_size must be in [1024, {self.limits.max_chunk_bytes}], got {self.chunk_size}")
         if errors:
             raise ConfigError("; ".join(errors))
+
+    def make_server_optimizer(self) -> ServerOptimizer:
+        """The configured server optimizer, with fresh buffers."""
+        name = self.server_optimizer.lower()
+        kwargs: dict[str, float] = {"server_lr": self.server_lr}
+        if name == "fedavgm":
+            kwargs["momentum"] = self.server_momentum
+        elif name == "fedadam":
+            kwargs.update(beta1=self.server_beta1, beta2=self.server_beta2, tau=self.server_epsilon)
+        return make_server_optimizer(name, **kwargs)
 
 
 class Hub:
@@ -132,7 +161,11 @@ class Hub:
         strategy_tensors: Mapping[str, Collection[str]] | None = None,
         central_step: Callable[[State], State] | None = None,
         policy: SwitchingPolicy | None = None,
+        validate: Evaluator | None = None,
     ) -> None:
+        """``evaluate`` gives the metrics stored with each version (e.g. on a test split); ``validate``,
+        when given, the held-out public metrics the switching policy decides on (stored as ``heldout_*``),
+        so decisions never look at the test split. Without it the policy decides on ``evaluate``."""
         self.settings = settings
         self.transport = transport
         self.store = store
@@ -146,6 +179,8 @@ class Hub:
         self._central_step = central_step  # optimization on the hub's public data (the paper's FFM)
         self._policy = policy
         self._evaluate = evaluate
+        self._validator = validate
+        self._optimizer = settings.make_server_optimizer()
         self._on_version = on_version
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._assembler = ChunkAssembler(limits=settings.limits)
@@ -159,8 +194,8 @@ class Hub:
         self.online: set[str] = set()
         self.counters: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "versions": 0}
         self.rejections: dict[str, int] = {}
-        self._idle = threading.Event()
         self._recent_rejections: dict[str, Rejection] = {}
+        self._received = 0  # messages ever enqueued (wait_idle watches it)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,23 +228,87 @@ class Hub:
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until the inbox is empty and the worker is waiting (for tests and tools)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._idle.clear()
-            if self._inbox.empty() and self._idle.wait(0.05) and self._inbox.empty():
+        while True:
+            seen = self._received
+            with self._inbox.all_tasks_done:  # every message taken from the inbox is marked done when handled
+                while self._inbox.unfinished_tasks:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._inbox.all_tasks_done.wait(min(remaining, 0.5))
+            # Transports deliver on their own threads: idle means nothing new arrived for a moment either.
+            time.sleep(0.05)
+            if self._received == seen and not self._inbox.unfinished_tasks:
                 return True
-        return False
+            if time.monotonic() >= deadline:
+                return False
 
     # -- state ----------------------------------------------------------------------------------------
     def _load_or_init(self) -> None:
         latest = self.store.latest_version()
         if latest is None:
             state = {k: np.asarray(v, dtype=np.float32) for k, v in self._initial_state().items()}
-            metrics = self._evaluate(state) if self._evaluate else {}
-            self._commit(state, parent=None, kind="init", consumed=[], metrics=metrics)
+            self._commit(state, parent=None, kind="init", consumed=[], metrics=self._measure(state))
+        else:
+            _meta, state = decode_global(self.store.load_version(latest.version), limits=self.settings.limits)
+            self._global, self._current = state, latest
+            self._load_server_state(latest.version)
+            log.info("resumed at global version %d (%d updates queued)", latest.version, len(self.store.queued()))
+        assert self._current is not None
+        if self._central_step is not None and self._policy is not None and self._policy.central_first:
+            if self._current.kind == "init":  # also after a crash between version 0 and the central version
+                started = time.perf_counter()
+                state = self._central_step(self.global_state())
+                metrics = {**self._measure(state), "central_s": time.perf_counter() - started, "central_steps": 1.0}
+                self._log_decision("central", "central-then-federated: a central step before the first round")
+                self._commit(state, parent=self._current.version, kind="central", consumed=[], metrics=metrics)
+
+    def _load_server_state(self, version: int) -> None:
+        """Resume the server optimizer's buffers (momentum, moments) committed with ``version``."""
+        blob = self.store.load_server_state(version)
+        if blob is None:
             return
-        _meta, state = decode_global(self.store.load_version(latest.version), limits=self.settings.limits)
-        self._global, self._current = state, latest
-        log.info("resumed at global version %d (%d updates queued)", latest.version, len(self.store.queued()))
+        from safetensors.numpy import load as load_tensors
+
+        try:
+            tensors = load_tensors(blob)
+            self._optimizer.load_state_dict(tensors)
+        except Exception as exc:  # e.g. the configured optimizer changed since: start its buffers afresh
+            log.warning("server optimizer state of version %d not resumed (%s); starting it afresh", version, exc)
+            self._optimizer = self.settings.make_server_optimizer()
+        else:
+            log.info("resumed %s server state (%d buffers)", self._optimizer.name, len(tensors))
+
+    def _server_state_blob(self) -> bytes | None:
+        buffers = self._optimizer.state_dict()
+        if not buffers:
+            return None
+        from safetensors.numpy import save as save_tensors
+
+        return save_tensors(buffers, metadata={"optimizer": self._optimizer.name})
+
+    def _measure(self, state: Mapping[str, np.ndarray], heldout: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Metrics stored with a version: the evaluation, plus the held-out public ones when separate.
+
+        ``heldout``: the held-out metrics of this very state when already computed (saves an evaluation).
+        """
+        if heldout is not None and self._validator is None:
+            return dict(heldout)  # the policy decided on the evaluation itself
+        metrics = dict(self._evaluate(state)) if self._evaluate else {}
+        if self._validator is not None:
+            metrics.update(heldout if heldout is not None else self._heldout(state))
+        return metrics
+
+    def _heldout(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """The metrics the switching policy decides on."""
+        if self._validator is not None:
+            return {f"heldout_{k}": v for k, v in self._validator(state).items()}
+        return dict(self._evaluate(state)) if self._evaluate else {}
+
+    def _decision_key(self, metrics: Mapping[str, float]) -> str | None:
+        if self._validator is not None:
+            return next((k for k in metrics if k.startswith("heldout_")), None)
+        return next(iter(metrics), None)
 
     def _commit(
         self, state: State, *, parent: int | None, kind: str, consumed: list[str], metrics: dict[str, float]
@@ -237,7 +336,7 @@ class Hub:
             kind=kind,
             metrics=metrics,
         )
-        self.store.commit_version(record, frame, consumed)
+        self.store.commit_version(record, frame, consumed, server_state=self._server_state_blob())
         if self.settings.keep_versions is not None:
             pruned = self.store.prune_versions(self.settings.keep_versions)
             if pruned:
@@ -249,24 +348,26 @@ class Hub:
 
     # -- message loop ---------------------------------------------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
+        self._received += 1
         self._inbox.put((topic, payload))
 
     def _run(self) -> None:
         while True:
-            if self._inbox.empty():
-                self._idle.set()
             try:
                 item = self._inbox.get(timeout=min(5.0, self.settings.device_timeout / 3))
             except queue.Empty:
                 self._check_liveness()
                 continue
-            if item is None:
-                return
-            topic, payload = item
             try:
-                self._dispatch(topic, payload)
-            except Exception:  # one bad message must never stop the hub
-                log.exception("error while handling a message on %s", topic)
+                if item is None:
+                    return
+                topic, payload = item
+                try:
+                    self._dispatch(topic, payload)
+                except Exception:  # one bad message must never stop the hub
+                    log.exception("error while handling a message on %s", topic)
+            finally:
+                self._inbox.task_done()
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         if topic == "__tick__":
@@ -472,21 +573,19 @@ class Hub:
             _meta, tensors = decode_update(self.store.load_update(item.update_id), limits=self.settings.limits)
             weight = staleness_weight(behind, kind=self.settings.staleness, alpha=self.settings.staleness_alpha)
             partial.add(tensors, float(item.num_samples) * weight)
-        state = apply_delta(self._global, partial.mean(), self.settings.server_lr)
+        buffers_before = self._optimizer.state_dict()
+        state = self._optimizer.step(self._global, partial.mean())
         aggregation_s = time.perf_counter() - started
         crash_point("aggregating")
-        kind = "fedavg"
-        central_s = 0.0
-        if self._central_step is not None and (self._policy is None or self._policy.central_after_aggregate):
-            central_started = time.perf_counter()
-            state = self._central_step(state)
-            kind = "fedavg+central"
-            central_s = time.perf_counter() - central_started
-        metrics = dict(self._evaluate(state)) if self._evaluate else {}
+        kind = self._optimizer.name
+        state, central_steps, central_s, heldout = self._central_phase(state)
+        if central_steps:
+            kind += "+central"
+        metrics = self._measure(state, heldout)
         if self._policy is not None:
-            state, kind, metrics = self._switch(state, kind, metrics)
+            state, kind, metrics = self._switch(state, kind, metrics, buffers_before)
         if self._central_step is not None:
-            metrics["central_s"] = central_s
+            metrics.update(central_s=central_s, central_steps=float(central_steps))
         metrics.update(
             {
                 "aggregation_s": aggregation_s,
@@ -506,27 +605,60 @@ class Hub:
         if self._on_version is not None:
             self._on_version(record)
 
-    def _switch(self, candidate: State, kind: str, metrics: dict[str, float]) -> tuple[State, str, dict[str, float]]:
+    def _central_phase(self, state: State) -> tuple[State, int, float, dict[str, float] | None]:
+        """Central steps on public data after an aggregation.
+
+        Returns the state, how many steps the policy kept, their time, and the held-out metrics of the
+        returned state when they were computed on the way (None otherwise).
+        """
+        policy = self._policy
+        if self._central_step is None or (policy is not None and not policy.central_after_aggregate):
+            return state, 0, 0.0, None
+        started = time.perf_counter()
+        if policy is None or not policy.adapts_central:
+            return self._central_step(state), 1, time.perf_counter() - started, None
+        heldout = self._heldout(state)
+        key = self._decision_key(heldout)
+        steps = kept = 0
+        while True:
+            candidate = self._central_step(dict(state))
+            steps += 1
+            after = self._heldout(candidate)
+            decision = policy.after_central(heldout.get(key) if key else None, after.get(key) if key else None, steps)
+            self._log_decision(decision.action, decision.reason)
+            if decision.action == "undo":
+                break
+            state, heldout, kept = candidate, after, steps
+            if decision.action == "stop":
+                break
+        return state, kept, time.perf_counter() - started, heldout
+
+    def _switch(
+        self, candidate: State, kind: str, metrics: dict[str, float], buffers_before: Mapping[str, np.ndarray]
+    ) -> tuple[State, str, dict[str, float]]:
         """Let the policy keep, revert or down-weight a candidate version (the adaptive rule)."""
         assert self._policy is not None and self._current is not None
-        key = next(iter(metrics), None)
+        key = self._decision_key(metrics)
         previous = self._current.metrics.get(key) if key else None
-        decision = self._policy.decide(previous, metrics.get(key) if key else None)
-        log.info("switching: %s (%s)", decision.action, decision.reason)
+        decision: Decision = self._policy.decide(previous, metrics.get(key) if key else None)
+        self._log_decision(decision.action, decision.reason)
         metrics = {**metrics, "decision": float(ACTIONS.index(decision.action))}
         if decision.action == "publish":
             return candidate, kind, metrics
         if key is not None:
             metrics[f"candidate_{key}"] = metrics[key]
         if decision.action == "revert":
+            self._optimizer.load_state_dict(buffers_before)  # the discarded step leaves no momentum behind
             kept = {k: self._current.metrics[k] for k in metrics if k in self._current.metrics and "@" not in k}
             return self.global_state(), "reverted", {**metrics, **kept}
         mixed = {
             name: (self._global[name] + decision.mix * (candidate[name] - self._global[name])).astype(np.float32)
             for name in candidate
         }
-        fresh = dict(self._evaluate(mixed)) if self._evaluate else {}
-        return mixed, "downweighted", {**metrics, **fresh}
+        return mixed, "downweighted", {**metrics, **self._measure(mixed)}
+
+    def _log_decision(self, action: str, reason: str) -> None:
+        log.info("switching: %s (%s)", action, reason, extra={"event": "switching", "action": action, "reason": reason})
 
     # -- output ---------------------------------------------------------------------------------------
     def _manifest(self) -> Manifest:
