@@ -4,6 +4,11 @@ One round is: make sure the device holds the current global version (pull it in 
 train the strategy's tensors on local data, encode the delta, keep it in the on-disk outbox, send it
 in chunks, and wait for the hub's receipt. Local data never leaves the device; only the trainable
 tensors' deltas do.
+
+Lifelong learning: a device's data may keep arriving. :meth:`EdgeClient.add_data` adds examples at any time
+(from any thread), ``data_stream=`` hands the client an iterator it takes one batch from before each round,
+and ``max_local_examples=`` keeps only the newest examples. Each round trains on a snapshot of the local
+data, and its update's ``num_samples`` is that snapshot's size.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ffm_edge.data import LabeledData
+from ffm_edge.data import LabeledData, check_same_task, concat_data
 from ffm_edge.errors import ConfigError, DecodeError, FFMError, RejectedUpdateError, TransportError
 from ffm_edge.outbox import Outbox
 from ffm_edge.spec import ModelSpec, load_model_spec
@@ -102,6 +107,11 @@ class EdgeClient:
     >>> client = EdgeClient("minilm-l6-v2", my_data, device_id="phone-42", broker="mqtt://hub:1883")
     >>> with client:
     ...     client.run_forever(rounds=10)
+
+    Data that keep arriving (lifelong learning): ``client.add_data(batch)`` adds examples, from any thread,
+    at any time; ``data_stream`` is an iterable of batches the client takes one from before each round
+    (see :meth:`add_data` and :func:`ffm_edge.data.reveal_stream`); ``max_local_examples`` keeps only the
+    newest N examples, a sliding window, so that a device's data cannot grow forever.
     """
 
     def __init__(
@@ -131,6 +141,8 @@ class EdgeClient:
         on_progress: Callable[[ProgressEvent], None] | None = None,
         on_round: Callable[[RoundResult], None] | None = None,
         discovery_timeout: float = 10.0,
+        data_stream: Iterable[LabeledData | None] | None = None,
+        max_local_examples: int | None = None,
     ) -> None:
         try:
             validate_id(device_id, "device id")
@@ -141,10 +153,19 @@ class EdgeClient:
             raise ConfigError(f"codec must be one of {CODECS}, got {codec!r}")
         if local_epochs < 1:
             raise ConfigError(f"local_epochs must be >= 1, got {local_epochs}")
+        if not isinstance(local_data, LabeledData):
+            raise ConfigError(f"local_data must be a LabeledData, got {type(local_data).__name__}")
         if len(local_data) == 0:
             raise ConfigError("local_data is empty")
+        if max_local_examples is not None and (
+            isinstance(max_local_examples, bool) or not isinstance(max_local_examples, int) or max_local_examples < 1
+        ):
+            raise ConfigError(f"max_local_examples must be a positive integer or None, got {max_local_examples!r}")
+        self.max_local_examples = max_local_examples
+        self._data_lock = threading.Lock()  # guards _data: add_data may run while a round trains
+        self._data = local_data if max_local_examples is None else local_data.tail(max_local_examples)
+        self._stream: Iterator[LabeledData | None] | None = iter(data_stream) if data_stream is not None else None
         self.spec = load_model_spec(model) if isinstance(model, str) else model
-        self.data = local_data
         self.device_id = device_id
         self.federation = federation
         self.topics = Topics(federation)
@@ -222,6 +243,51 @@ class EdgeClient:
         if not isinstance(strategy, str):  # the app configured the strategy itself: keep it, size the batches
             return strategy, self.plan.choice.micro_batch_size
         return strategy_for(self.plan.choice)
+
+    # -- local data -----------------------------------------------------------------------------------
+    @property
+    def data(self) -> LabeledData:
+        """The local data right now (the next round trains on a snapshot of it); change it with :meth:`add_data`."""
+        with self._data_lock:
+            return self._data
+
+    def add_data(self, new: LabeledData) -> int:
+        """Add examples that arrived on the device; returns how many examples are local now.
+
+        ``new`` must be the task the client trains (same task name, modality and labels; ConfigError
+        otherwise). With ``max_local_examples`` only the newest that many are kept (the oldest are dropped).
+        Safe to call from any thread while a round runs: a round trains on a snapshot taken when its
+        training starts, so examples added during training count from the next round on (and
+        ``num_samples`` of an update is always the size of the data it was trained on). The client keeps
+        its own copy of ``new``'s rows.
+        """
+        if not isinstance(new, LabeledData):
+            raise ConfigError(f"add_data takes a LabeledData, got {type(new).__name__}")
+        check_same_task(self._data.info, new.info)  # info never changes: no lock needed
+        with self._data_lock:
+            if len(new) == 0:
+                return len(self._data)
+            old = self._data
+            if self.max_local_examples is not None:
+                keep_new = min(len(new), self.max_local_examples)
+                old, new = old.tail(self.max_local_examples - keep_new), new.tail(keep_new)
+            self._data = concat_data([old, new])
+            return len(self._data)
+
+    def _take_from_stream(self) -> None:
+        """Add the next batch of ``data_stream`` (if any); an exhausted stream leaves the data as they are."""
+        if self._stream is None:
+            return
+        try:
+            batch = next(self._stream)
+        except StopIteration:
+            log.info("%s: data stream exhausted; training on the %d examples it has", self.device_id, len(self.data))
+            self._stream = None
+            return
+        if batch is None or len(batch) == 0:
+            return
+        size = self.add_data(batch)
+        log.info("%s: %d new examples arrived, %d local", self.device_id, len(batch), size)
 
     # -- connection -----------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -444,6 +510,10 @@ class EdgeClient:
 
         Split from :meth:`send_update` so an app can train while offline and send later (or a simulator
         can decide when the update arrives); the update is durable in the outbox either way.
+
+        Once it holds the global version, the round takes the next batch of ``data_stream`` (if one was
+        given and is not exhausted), then trains on a snapshot of the local data: :meth:`add_data` calls
+        made during training are used from the next round on.
         """
         started = time.perf_counter()
         self.send_pending()
@@ -455,9 +525,11 @@ class EdgeClient:
         if manifest.version != self._version:
             self.pull_global(manifest.version)
         base = self._version
+        self._take_from_stream()
+        data = self.data  # the snapshot this round trains on; add_data from now on counts next round
         self.trainer.load_trainable_state(self._global)  # every round starts from the global version
         report = self.trainer.train(
-            self.data,
+            data,
             epochs=self.local_epochs,
             seed=self.seed + self._rounds,
             progress=lambda step, total, loss: self._progress("train", step, total, f"loss {loss:.4f}"),
@@ -470,7 +542,7 @@ class EdgeClient:
             update_id=uuid.uuid4().hex,
             base_version=base,
             strategy=self.trainer.strategy.name,
-            num_samples=len(self.data),
+            num_samples=len(data),
             codec=self.codec,
             created_at=time.time(),
             metrics={"train_loss": report.mean_loss, "train_seconds": report.seconds},

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ __all__ = [
     "LabeledData",
     "TaskInfo",
     "TextPair",
+    "check_same_task",
+    "concat_data",
     "describe",
     "dirichlet_partition",
     "get_task",
@@ -47,6 +49,7 @@ __all__ = [
     "load_kshot",
     "load_split",
     "resolve_data_dir",
+    "reveal_stream",
 ]
 
 #: Environment variable that points at the data folder (same layout as the shared data folder).
@@ -222,6 +225,15 @@ class LabeledData:
             inputs = [self.inputs[int(i)] for i in idx]
         return LabeledData(self.info, inputs, self.labels[idx], split=self.split, source=self.source)
 
+    def tail(self, n: int) -> LabeledData:
+        """The newest ``n`` examples (the last ``n`` rows; all of them when there are fewer), as a copy.
+
+        How a device keeps a sliding window over data that keeps arriving (``EdgeClient(max_local_examples=)``).
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ConfigError(f"tail takes a non-negative integer, got {n!r}")
+        return self.subset(np.arange(max(0, len(self) - int(n)), len(self)))
+
     def label_counts(self) -> dict[int, int]:
         """Examples per label id (every class listed, zeros included, so a missing class shows up).
 
@@ -233,6 +245,88 @@ class LabeledData:
             return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
         counts = np.bincount(self.labels, minlength=self.info.num_labels)
         return {i: int(c) for i, c in enumerate(counts)}
+
+
+def check_same_task(have: TaskInfo, new: TaskInfo) -> None:
+    """ConfigError unless ``new`` is the same task as ``have`` (name, modality and labels), saying what differs.
+
+    Data that arrive later must fit the model a device already trains: same classification head, same
+    label ids, same kind of input.
+    """
+    diffs = [
+        f"{what} {b!r} instead of {a!r}"
+        for what, a, b in (
+            ("task", have.name, new.name),
+            ("modality", have.modality, new.modality),
+            ("num_labels", have.num_labels, new.num_labels),
+            ("label names", have.label_names, new.label_names),
+        )
+        if a != b
+    ]
+    if diffs:
+        raise ConfigError(f"data for another task: {'; '.join(diffs)} (expected task {have.name!r})")
+
+
+def _joined(values: Sequence[str]) -> str:
+    """Distinct non-empty parts of ``a + b`` style labels, in first-seen order (so repeated joins stay short)."""
+    parts = dict.fromkeys(p for v in values for p in v.split(" + ") if p)
+    return " + ".join(parts)
+
+
+def concat_data(parts: Sequence[LabeledData]) -> LabeledData:
+    """All examples of ``parts`` in order, as a new LabeledData (inputs and labels copied).
+
+    Every part must be the same task (:func:`check_same_task`); images must share one (H, W, 3) shape.
+    ``split`` and ``source`` become the distinct values of the parts joined with `` + ``.
+    """
+    if not parts:
+        raise ConfigError("concat_data needs at least one LabeledData")
+    info = parts[0].info
+    for part in parts[1:]:
+        check_same_task(info, part.info)
+    inputs: list[TextPair] | np.ndarray
+    if info.modality == "image":
+        shapes = sorted({part.images.shape[1:] for part in parts})
+        if len(shapes) != 1:
+            raise DataError(f"{info.name}: cannot join images of different shapes {shapes}")
+        inputs = np.concatenate([part.images for part in parts])
+    else:
+        inputs = [pair for part in parts for pair in part.texts]
+    labels = np.concatenate([part.labels for part in parts])
+    return LabeledData(
+        info,
+        inputs,
+        labels,
+        split=_joined([part.split for part in parts]),
+        source=_joined([part.source for part in parts]),
+    )
+
+
+def reveal_stream(data: LabeledData, initial: int, per_round: int) -> Iterator[LabeledData]:
+    """Simulate a device whose data arrive over time: the first ``initial`` examples, then ``per_round`` more.
+
+    Yields *new* examples only (``data``'s rows in order, each exactly once): ``data[:initial]``, then
+    ``data[initial:initial + per_round]``, ... until ``data`` is used up, then stops. Made for
+    ``EdgeClient``: pass the first item as ``local_data`` and the iterator as ``data_stream``, and the
+    client adds one batch before each round::
+
+        stream = reveal_stream(shard, initial=32, per_round=8)
+        client = EdgeClient("minilm-l6-v2", next(stream), data_stream=stream, ...)
+        # round 1 trains on 40 examples, round 2 on 48, ... until the shard is used up
+    """
+    for what, value in (("initial", initial), ("per_round", per_round)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"reveal_stream: {what} must be a positive integer, got {value!r}")
+    if len(data) == 0:
+        raise ConfigError("reveal_stream: data is empty")
+
+    def batches() -> Iterator[LabeledData]:
+        start, stop = 0, min(int(initial), len(data))
+        while start < len(data):
+            yield data.subset(np.arange(start, stop))
+            start, stop = stop, min(stop + int(per_round), len(data))
+
+    return batches()
 
 
 # --------------------------------------------------------------------------------------------------------
