@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ffm_edge.errors import FFMError
-from ffm_edge.logs import setup_logging
+from ffm_edge.logs import LOG_FORMATS, setup_logging
 
 __all__ = ["main"]
 
@@ -39,6 +39,16 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -48,12 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text lines, or one JSON object per line for log shippers (default: $FFM_LOG_FORMAT, else text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
         "run",
         help="take part in a federation for some rounds",
-        description="Join a federation: pull the global version, train locally, upload, repeat.",
+        description="Join a federation: pull the global version, train locally, upload, repeat. "
+        "With --stream-initial and --stream-per-round the local shard is revealed over time, like a device "
+        "whose data keep arriving (lifelong learning); --max-local-examples keeps only the newest examples.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run.add_argument("--device-id", default=None, help="this device's id (default: edge-<shard index>)")
@@ -83,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     run.add_argument("--seed", type=int, default=0, help="training seed")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.add_argument(
+        "--stream-initial",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="simulate data that arrive over time: the device starts with the first K examples of its shard "
+        "(needs --stream-per-round; default: the whole shard from the start)",
+    )
+    run.add_argument(
+        "--stream-per-round",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="with --stream-initial: M more examples of the shard arrive before each round (the first included) "
+        "until the shard is used up; then the device keeps training on what it has",
+    )
+    run.add_argument(
+        "--max-local-examples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keep only the newest N local examples, a sliding window over data that keep arriving "
+        "(default: keep every example)",
+    )
     prof = sub.add_parser(
         "profile",
         help="print what this device can do (RAM, budget, cores, accelerator, bitsandbytes, onnxruntime)",
@@ -149,15 +191,27 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ffm_edge.client import EdgeClient, ProgressEvent, RoundResult
-    from ffm_edge.data import describe, dirichlet_partition, load_split
+    from ffm_edge.data import describe, dirichlet_partition, load_split, reveal_stream
+    from ffm_edge.errors import ConfigError
 
     torch.set_num_threads(args.threads)
     index, count = args.shard
     device_id = args.device_id or f"edge-{index}"
+    if (args.stream_initial is None) != (args.stream_per_round is None):
+        raise ConfigError("--stream-initial and --stream-per-round go together: give both or neither")
     pool = load_split(args.task, "train", data_dir=args.data_dir, limit=args.samples, seed=args.partition_seed)
     shards = dirichlet_partition(pool.labels, count, args.alpha, seed=args.partition_seed, min_per_client=2)
     local = pool.subset(shards[index])
     log.info("%s local data: %s", device_id, describe(local))
+    stream = None
+    if args.stream_initial is not None:
+        shard_size = len(local)
+        stream = reveal_stream(local, args.stream_initial, args.stream_per_round)
+        local = next(stream)
+        log.info(
+            "%s streams its shard: %d of %d examples at the start, %d more before each round",
+            device_id, len(local), shard_size, args.stream_per_round,
+        )  # fmt: skip
 
     bar = None
     if not args.no_progress:
@@ -200,6 +254,8 @@ def _run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         on_progress=on_progress,
         on_round=on_round,
+        data_stream=stream,
+        max_local_examples=args.max_local_examples,
     )
     signal.signal(signal.SIGTERM, lambda *_: client.stop())
     signal.signal(signal.SIGINT, lambda *_: client.stop())
@@ -213,8 +269,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ffm-edge``."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        setup_logging(args.verbose, args.log_format)
+    except FFMError as exc:  # a bad $FFM_LOG_FORMAT: say so like a bad flag, before any work starts
+        parser.error(str(exc))
     try:
         if args.command == "run":
             return _run(args)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ffm_edge.errors import FFMError
-from ffm_edge.logs import setup_logging
+from ffm_edge.logs import LOG_FORMATS, setup_logging
 
 __all__ = ["main"]
 
@@ -23,7 +23,9 @@ examples:
   FFM_DATA_DIR=../shared/data ffm-hub demo --clients 4 --rounds 8
   ffm-hub serve --task sst2 --tau 10            # a hub with its own broker on port 1883
   ffm-hub serve --broker mqtt://broker:1883     # a hub on an existing broker
-  ffm-hub status --state-dir ffm-hub-state      # versions and queue of a hub's store
+  ffm-hub status --state-dir ffm-hub-state      # is it running? queue, devices, counters, versions
+  ffm-hub status --json | jq .status.queue_length
+  ffm-hub --log-format json serve               # one JSON object per log line (or FFM_LOG_FORMAT=json)
 """
 
 
@@ -36,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text lines, or one JSON object per line for log shippers (default: $FFM_LOG_FORMAT, else text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -81,8 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("example-config", help="print a commented hub.toml with every setting and its default")
 
-    status = sub.add_parser("status", help="print versions and queue of a hub's store", formatter_class=fmt)
+    status = sub.add_parser(
+        "status",
+        help="is the hub running? its queue, devices, counters and versions",
+        formatter_class=fmt,
+        description="Print what a hub is doing, from its state folder (run it on the hub's machine, or "
+        "wherever that folder is mounted). A running hub writes status.json there every few seconds: "
+        "whether it runs (pid, how long ago it wrote), the queue against tau, updates accepted, duplicated "
+        "and rejected by reason since it started, every device with when it was last heard from, and the "
+        "current version's metrics. A snapshot whose process is gone, or that stopped being updated, is "
+        "reported as stale (the hub crashed or hangs). Below it, the versions table comes from the durable "
+        "store, read-only, so it is safe while the hub runs.",
+    )
     status.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="the hub's state folder")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (store versions, the status snapshot and its liveness) for scripts",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -173,24 +197,41 @@ def _example_config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ffm_hub.store import SqliteStore
+    import json
+    import time
 
-    root = args.state_dir / "store"
-    if not (root / "hub.sqlite").exists():
-        log.error("no hub store in %s", args.state_dir)
+    from ffm_hub.status import format_status, liveness, read_status, read_store
+
+    now = time.time()
+    # Read-only: opening a SqliteStore would run its crash recovery under a running hub's feet.
+    store = read_store(args.state_dir)
+    snapshot = read_status(args.state_dir)
+    if store is None and snapshot is None:
+        log.error("no hub store and no status snapshot in %s", args.state_dir)
         return 2
-    store = SqliteStore(root)
-    try:
-        versions = store.versions()
-        print(f"store: {root}")
-        print(f"updates: {store.counts()}")
-        print("| version | parent | kind | updates | metrics |\n|---:|---:|---|---:|---|")
-        for v in versions:
-            metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items()))
-            parent = "-" if v.parent is None else v.parent
-            print(f"| {v.version} | {parent} | {v.kind} | {v.num_updates} | {metrics} |")
-    finally:
-        store.close()
+    if args.json:
+        live = None if snapshot is None else liveness(snapshot, now)
+        document = {
+            "state_dir": str(args.state_dir),
+            "state": "absent" if live is None else live.state,
+            "reason": None if live is None else live.reason,
+            "status": snapshot,
+            "store": None if store is None else store.to_dict(),
+        }
+        print(json.dumps(document, indent=2, sort_keys=True))
+        return 0
+    print(format_status(snapshot, now, where=str(args.state_dir)))
+    print()
+    if store is None:
+        print(f"store: none in {args.state_dir}")
+        return 0
+    print(f"store: {store.path}")
+    print(f"updates: {store.updates}")
+    print("| version | parent | kind | updates | metrics |\n|---:|---:|---|---:|---|")
+    for v in store.versions:
+        metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items()))
+        parent = "-" if v.parent is None else v.parent
+        print(f"| {v.version} | {parent} | {v.kind} | {v.num_updates} | {metrics} |")
     return 0
 
 
@@ -221,8 +262,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ffm-hub``."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        setup_logging(args.verbose, args.log_format)
+    except FFMError as exc:  # a bad $FFM_LOG_FORMAT: say so like a bad flag, before any work starts
+        parser.error(str(exc))
     commands = {"serve": _serve, "status": _status, "demo": _demo, "example-config": _example_config}
     try:
         return commands[args.command](args)

@@ -188,19 +188,28 @@ def serve(
     *,
     metrics_port: int | None = None,
     metrics_bind: str = "127.0.0.1",
+    status_interval: float = 5.0,
 ) -> None:
-    """Run the hub until ``stop`` is set (or forever), with Prometheus metrics when a port is given."""
+    """Run the hub until ``stop`` is set (or forever), with Prometheus metrics when a port is given.
+
+    While it runs, ``<state_dir>/status.json`` holds a snapshot refreshed every ``status_interval``
+    seconds, which ``ffm-hub status`` reads from another process.
+    """
+    from ffm_hub.status import StatusWriter
+
     stop = stop or threading.Event()
     with running_hub(opts) as hub:
+        status = StatusWriter(hub, opts.state_dir, status_interval).start()
         metrics = None
-        if metrics_port:
-            from ffm_hub.metrics import start_metrics_server
-
-            metrics, port = start_metrics_server(hub, metrics_port, metrics_bind)
-            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_bind, port)
         try:
+            if metrics_port:
+                from ffm_hub.metrics import start_metrics_server
+
+                metrics, port = start_metrics_server(hub, metrics_port, metrics_bind)
+                log.info("Prometheus metrics on http://%s:%d/metrics", metrics_bind, port)
             stop.wait()
         finally:
             if metrics is not None:
                 metrics.stop()
+            status.stop()  # a last snapshot, "running": false, while the store is still open
     log.info("hub stopped")
