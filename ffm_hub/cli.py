@@ -71,10 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--central-epochs", type=int, default=0,
                        help="epochs on the hub's public data after each aggregation (0 = none)")  # fmt: skip
     serve.add_argument("--public-limit", type=int, default=64, help="public training examples the hub holds")
-    serve.add_argument("--policy", default="fixed", choices=("fixed", "federated-only", "adaptive"),
-                       help="fixed: always publish; adaptive: revert an aggregate that does worse")  # fmt: skip
+    serve.add_argument("--policy", default="fixed",
+                       choices=("fixed", "central-then-federated", "federated-only", "adaptive"),
+                       help="fixed: federated then central, always publish; central-then-federated: one central "
+                       "step before round 1, then federated only; adaptive: central steps while they help, "
+                       "revert an aggregate that does worse")  # fmt: skip
     serve.add_argument("--policy-tolerance", type=float, default=0.0, help="adaptive: a drop this small publishes")
-    serve.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η of FedAvg")
+    serve.add_argument("--max-central-steps", type=int, default=1,
+                       help="adaptive: most central steps after one aggregation")  # fmt: skip
+    serve.add_argument("--central-min-gain", type=float, default=0.0,
+                       help="adaptive: another central step only after one that gained more than this")  # fmt: skip
+    serve.add_argument("--validation-limit", type=int, default=0,
+                       help="public examples held out for the policy decisions (0: decide on eval data)")  # fmt: skip
+    serve.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η")
+    serve.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"),
+                       help="server step on the mean delta; buffers persist with each version")  # fmt: skip
+    serve.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm: server momentum")
     serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
     serve.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
     serve.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"),
@@ -168,6 +180,11 @@ def _serve(args: argparse.Namespace) -> int:
             public_limit=args.public_limit,
             policy=args.policy,
             policy_tolerance=args.policy_tolerance,
+            max_central_steps=args.max_central_steps,
+            central_min_gain=args.central_min_gain,
+            validation_limit=args.validation_limit,
+            server_optimizer=args.server_optimizer,
+            server_momentum=args.server_momentum,
             state_dir=args.state_dir,
             broker=args.broker,
             broker_kind=args.broker_kind,

@@ -99,6 +99,10 @@ def _identifier(what: str) -> Check:
     return check
 
 
+def _fraction(v: float) -> str | None:
+    return None if math.isfinite(v) and 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
 def _non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
@@ -160,6 +164,19 @@ FIELDS: tuple[ConfigField, ...] = (
                 "aggregate (FedAvg) as soon as this many accepted updates are queued", check=_at_least(1)),
     ConfigField("aggregation", "server_lr", "server_lr", "float", _D.server_lr,
                 "server learning rate η of FedAvg: new = old + η · mean(delta)", check=_positive_finite),
+    ConfigField("aggregation", "server_optimizer", "server_optimizer", "str", _D.server_optimizer,
+                "server optimizer applied to the weighted mean delta: fedavg, fedavgm (server momentum) or "
+                "fedadam (Reddi et al. 2021; wants a small server_lr such as 0.01); its buffers are stored "
+                "with each version and resumed after a restart",
+                check=_one_of("fedavg", "fedavgm", "fedadam")),
+    ConfigField("aggregation", "server_momentum", "server_momentum", "float", _D.server_momentum,
+                "fedavgm: momentum in [0, 1)", check=_fraction),
+    ConfigField("aggregation", "server_beta1", "server_beta1", "float", _D.server_beta1,
+                "fedadam: decay of the first moment, in [0, 1)", check=_fraction),
+    ConfigField("aggregation", "server_beta2", "server_beta2", "float", _D.server_beta2,
+                "fedadam: decay of the second moment, in [0, 1)", check=_fraction),
+    ConfigField("aggregation", "server_epsilon", "server_epsilon", "float", _D.server_epsilon,
+                "fedadam: adaptivity τ added to sqrt(v), > 0", check=_positive_finite),
     ConfigField("aggregation", "staleness", "staleness", "str", _D.staleness,
                 "how an update built on an older global version is weighted down: constant, polynomial "
                 "((1 + s)^-alpha) or hinge (1 while s <= 4, then 1 / (alpha (s - 4) + 1))",
@@ -177,11 +194,22 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("switching", "public_limit", "public_limit", "int", _D.public_limit,
                 "public training examples the hub holds for that central step", check=_at_least(1)),
     ConfigField("switching", "policy", "policy", "str", _D.policy,
-                "fixed (always publish), federated-only (never run the central step) or adaptive (revert an "
-                "aggregate that makes the held-out metric worse)",
-                check=_one_of("fixed", "federated-only", "adaptive")),
+                "fixed (federated then central, always publish), central-then-federated (one central step "
+                "before the first round, then federated only), federated-only (never the central step) or "
+                "adaptive (central steps while they help; revert an aggregate that makes the held-out metric "
+                "worse)",
+                check=_one_of("fixed", "central-then-federated", "federated-only", "adaptive")),
     ConfigField("switching", "tolerance", "policy_tolerance", "float", _D.policy_tolerance,
-                "adaptive: a drop of the held-out metric this small still publishes", check=_non_negative_finite),
+                "adaptive: a drop of the held-out metric this small still counts as not worse",
+                check=_non_negative_finite),
+    ConfigField("switching", "max_central_steps", "max_central_steps", "int", _D.max_central_steps,
+                "adaptive: at most this many central steps after one aggregation", check=_at_least(1)),
+    ConfigField("switching", "central_min_gain", "central_min_gain", "float", _D.central_min_gain,
+                "adaptive: run another central step only after one that raised the held-out metric by more",
+                check=_non_negative_finite),
+    ConfigField("switching", "validation_limit", "validation_limit", "int", _D.validation_limit,
+                "public examples held out (after the public_limit training ones) for the policy's decisions; "
+                "0 = decide on the evaluation data", check=_at_least(0)),
     ConfigField("broker", "url", "broker", "str", _D.broker,
                 "mqtt://HOST:PORT of an existing broker; leave out to run a managed broker (below)",
                 example="mqtt://broker.local:1883", check=_broker_url),

@@ -34,14 +34,22 @@ class ServeOptions:
     extra_strategies: tuple[str, ...] = ()
     tau: int = 3
     server_lr: float = 1.0
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_epsilon: float = 1e-3
     staleness: str = "polynomial"
     staleness_alpha: float = 0.5
     max_staleness: int | None = None
     keep_versions: int | None = None
     central_epochs: int = 0  # epochs on the hub's public data after each aggregation (0: none)
     public_limit: int = 64  # public training examples the hub holds
-    policy: str = "fixed"  # fixed | federated-only | adaptive
+    policy: str = "fixed"  # fixed | central-then-federated | federated-only | adaptive
     policy_tolerance: float = 0.0
+    max_central_steps: int = 1  # adaptive: central steps after one aggregation while they help
+    central_min_gain: float = 0.0  # adaptive: another central step only after one that gained more
+    validation_limit: int = 0  # held-out public examples the switching policy decides on (0: the eval data)
     state_dir: Path = field(default_factory=lambda: Path("ffm-hub-state"))
     broker: str | None = None
     broker_kind: str = "auto"
@@ -75,6 +83,25 @@ def _load_eval_data(opts: ServeOptions) -> LabeledData | None:
     return data
 
 
+def _load_public_data(opts: ServeOptions) -> tuple[LabeledData | None, LabeledData | None]:
+    """The hub's public shard: the first ``public_limit`` examples train (the central step), the next
+    ``validation_limit`` are held out for the switching decisions, so those never see the test split."""
+    if opts.central_epochs <= 0 and opts.validation_limit <= 0:
+        return None, None
+    drawn = load_split(
+        opts.task, "train", data_dir=opts.data_dir, limit=opts.public_limit + opts.validation_limit, seed=opts.seed + 1
+    )
+    public = drawn.subset(range(min(opts.public_limit, len(drawn))))
+    log.info("public data for the central step: %s", describe(public))
+    if opts.validation_limit <= 0:
+        return public, None
+    heldout = drawn.subset(range(len(public), len(drawn)))
+    if len(heldout) == 0:
+        raise ConfigError(f"no public examples left for validation after {len(public)} training ones")
+    log.info("held-out public data for switching decisions: %s", describe(heldout))
+    return public, heldout
+
+
 @contextlib.contextmanager
 def running_hub(opts: ServeOptions) -> Iterator[Hub]:
     """Start every part of the hub and stop them in reverse order on exit."""
@@ -91,6 +118,11 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         strategy=opts.strategy,
         tau=opts.tau,
         server_lr=opts.server_lr,
+        server_optimizer=opts.server_optimizer,
+        server_momentum=opts.server_momentum,
+        server_beta1=opts.server_beta1,
+        server_beta2=opts.server_beta2,
+        server_epsilon=opts.server_epsilon,
         staleness=opts.staleness,
         staleness_alpha=opts.staleness_alpha,
         max_staleness=opts.max_staleness,
@@ -98,6 +130,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         chunk_size=opts.chunk_size,
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    public, heldout = _load_public_data(opts)  # before the broker: a bad setting fails fast
     with contextlib.ExitStack() as stack:
         if opts.broker is None:
             broker = start_managed_broker(
@@ -143,10 +176,15 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
             return metrics
 
         central_step = None
-        if opts.central_epochs > 0:
-            primary = trainers[opts.strategy]
-            public = load_split(opts.task, "train", data_dir=opts.data_dir, limit=opts.public_limit, seed=opts.seed + 1)
-            log.info("public data for the central step: %s", describe(public))
+        validate = None
+        primary = trainers[opts.strategy]
+        if heldout is not None:
+
+            def validate(state: Mapping[str, np.ndarray]) -> dict[str, float]:
+                primary.load_trainable_state({k: state[k] for k in primary.tensor_names})
+                return primary.evaluate(heldout)
+
+        if opts.central_epochs > 0 and public is not None:
 
             def central_step(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 primary.load_trainable_state({k: state[k] for k in primary.tensor_names})
@@ -155,7 +193,13 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
 
         from ffm_hub.switching import make_policy
 
-        kwargs = {"tolerance": opts.policy_tolerance} if opts.policy == "adaptive" else {}
+        kwargs: dict[str, object] = {}
+        if opts.policy == "adaptive":
+            kwargs = {
+                "tolerance": opts.policy_tolerance,
+                "max_central_steps": opts.max_central_steps,
+                "central_min_gain": opts.central_min_gain,
+            }
         hub = Hub(
             settings,
             transport,
@@ -165,6 +209,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
             strategy_tensors=strategy_tensors if len(trainers) > 1 else None,
             central_step=central_step,
             policy=make_policy(opts.policy, **kwargs) if opts.policy != "fixed" else None,
+            validate=validate,
         )
         hub.start()
         stack.callback(hub.stop)
