@@ -1,6 +1,6 @@
 """A hub process for the crash tests: plain arrays for a model, a real broker, an SQLite store.
 
-Run as ``python tests/crash_hub.py HOST PORT STATE_DIR TAU``; ``FFM_CRASH_AT`` makes it die like ``kill -9``
+Run as ``python tests/crash_hub.py HOST PORT STATE_DIR TAU [OPTIMIZER]``; ``FFM_CRASH_AT`` makes it die like ``kill -9``
 at a chosen point (see ffm_hub.faults). SIGTERM stops it cleanly.
 """
 
@@ -21,13 +21,17 @@ STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
 
 def main() -> None:
     host, port, state_dir, tau = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    optimizer = sys.argv[5] if len(sys.argv) > 5 else "fedavg"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     transport = MqttTransport(host, port, client_id="crash-hub")
     transport.connect(timeout=30)
     store = SqliteStore(state_dir)
     hub = Hub(
-        HubSettings(federation="crash", tau=tau, staleness="constant"), transport, store, initial_state=lambda: STATE
+        HubSettings(federation="crash", tau=tau, staleness="constant", server_optimizer=optimizer, server_momentum=0.5),
+        transport,
+        store,
+        initial_state=lambda: STATE,
     )
     hub.start()
     stop.wait()
