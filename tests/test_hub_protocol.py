@@ -7,13 +7,14 @@ Each bad input gets a rejection with its reason and changes nothing; good update
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from wire_device import FED, Device
 
-from ffm_edge.transport import InMemoryBroker, InMemoryTransport
+from ffm_edge.transport import InMemoryBroker, InMemoryTransport, MqttTransport, Transport
 from ffm_edge.wire import (
     Hello,
     Manifest,
@@ -25,6 +26,7 @@ from ffm_edge.wire import (
     decode_global,
     encode_update,
 )
+from ffm_hub.brokers import ManagedBroker
 from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.store import SqliteStore
 
@@ -223,15 +225,26 @@ def test_mixed_strategies_aggregate_per_tensor_and_pull_their_own_tensors(tmp_pa
     store.close()
 
 
-def test_stale_updates_are_weighted_down_and_too_stale_ones_rejected(tmp_path: Path) -> None:
-    broker = InMemoryBroker()
-    transport = InMemoryTransport(broker, "hub")
+@pytest.fixture(params=["memory", "amqtt", "mosquitto"])
+def make_transport(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], Transport]:
+    """Transports for a hub and its devices: the in-memory fake, or MQTT to a real broker."""
+    if request.param == "memory":
+        broker = InMemoryBroker()
+        return lambda client_id: InMemoryTransport(broker, client_id)
+    real: ManagedBroker = request.getfixturevalue(f"{request.param}_broker")
+    return lambda client_id: MqttTransport(real.host, real.port, client_id=f"{client_id}-{tmp_path.name}")
+
+
+def test_stale_updates_are_weighted_down_and_too_stale_ones_rejected(
+    tmp_path: Path, make_transport: Callable[[str], Transport]
+) -> None:
+    transport = make_transport("hub")
     transport.connect()
     store = SqliteStore(tmp_path / "store")
     settings = HubSettings(federation=FED, tau=1, staleness="polynomial", staleness_alpha=0.5, max_staleness=1)
     hub = Hub(settings, transport, store, initial_state=lambda: STATE)
     hub.start()
-    d1 = Device(broker, "d1")
+    d1 = Device(None, "d1", transport=make_transport("d1"))
     for base in (0, 1):  # tau = 1: each update makes a version; the hub is now at version 2
         d1.send_update(delta(0.0), base=base)
         d1.next(Receipt)
@@ -253,26 +266,32 @@ def test_stale_updates_are_weighted_down_and_too_stale_ones_rejected(tmp_path: P
     np.testing.assert_allclose(hub.global_state()["lora_A"], expected, rtol=1e-6)
     assert store.latest_version().metrics["mean_staleness"] == 0.5
     hub.stop()
+    d1.transport.close()
+    transport.close()
     store.close()
 
 
-def test_retention_prunes_old_versions_and_late_joiners_get_the_current_one(tmp_path: Path) -> None:
-    broker = InMemoryBroker()
-    transport = InMemoryTransport(broker, "hub")
+def test_retention_prunes_old_versions_and_late_joiners_get_the_current_one(
+    tmp_path: Path, make_transport: Callable[[str], Transport]
+) -> None:
+    transport = make_transport("hub")
     transport.connect()
     store = SqliteStore(tmp_path / "store")
     hub = Hub(HubSettings(federation=FED, tau=1, keep_versions=2), transport, store, initial_state=lambda: STATE)
     hub.start()
-    d1 = Device(broker, "d1")
+    d1 = Device(None, "d1", transport=make_transport("d1"))
     for base in range(3):
         d1.send_update(delta(1.0), base=base)
         d1.next(Receipt)
     assert hub.wait_idle() and hub.current_version == 3
     assert [v.version for v in store.versions()] == [2, 3]
-    late = Device(broker, "late")  # joins after a week: hello, then the latest version
+    late = Device(None, "late", transport=make_transport("late"))  # joins after a week: hello, then the latest
     late.control(Hello("late", None, "lora"))
     assert late.next(Manifest).version == 3
     late.control(PullRequest("late", 0, "pull-old"))
     assert late.next(PullError).reason == "unknown_version"  # pruned
     hub.stop()
+    for device in (d1, late):
+        device.transport.close()
+    transport.close()
     store.close()

@@ -1,4 +1,4 @@
-"""A scripted edge device that speaks the wire protocol directly, for hub tests on the in-memory broker."""
+"""A scripted edge device that speaks the wire protocol directly, for hub tests (in-memory or a real broker)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 
 import numpy as np
 
-from ffm_edge.transport import InMemoryBroker, InMemoryTransport
+from ffm_edge.transport import InMemoryBroker, InMemoryTransport, Transport
 from ffm_edge.wire import (
     ChunkAssembler,
     Topics,
@@ -25,12 +25,16 @@ FED = "fed"
 class Device:
     """A scripted device speaking the wire protocol directly."""
 
-    def __init__(self, broker: InMemoryBroker, device_id: str) -> None:
+    def __init__(self, broker: InMemoryBroker | None, device_id: str, transport: Transport | None = None) -> None:
+        """On the in-memory ``broker``, or on any ``transport`` given (e.g. MQTT to a real broker)."""
         self.id = device_id
         self.topics = Topics(FED)
         self.inbox: queue.Queue[object] = queue.Queue()
         self.assembler = ChunkAssembler()
-        self.transport = InMemoryTransport(broker, device_id)
+        if transport is None:
+            assert broker is not None
+            transport = InMemoryTransport(broker, device_id)
+        self.transport = transport
         self.transport.subscribe(self.topics.downlink_control(device_id), self._on_ctl)
         self.transport.subscribe(self.topics.downlink_global(device_id), self._on_chunk)
         self.transport.connect()
