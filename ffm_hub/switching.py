@@ -1,10 +1,13 @@
-"""Switching between federated and central optimization: what the hub does with a new aggregate.
+"""Switching between federated and central optimization: when the hub trains on its public data, and
+what it does with a new aggregate.
 
 The paper's FFM hub alternates FedAvg over private updates with optimization on its own public data
-(sections 4.1 and 5.1). After each aggregation the hub may run a central step, evaluates the candidate
-on held-out public data, and a policy decides: publish it, revert to the previous version, or publish
-only part of the step. Policies are pure: they see numbers, never models, so they are tested on
-constructed metric sequences.
+(sections 4.1, 5.1 and 5.3). A policy says whether a central step runs before the first federated round
+(``central_first``) and after each aggregation (``central_after_aggregate``); an adaptive one also says,
+after each central step, whether to run another, stop, or undo it (``after_central``), and finally
+whether to publish the candidate, revert to the previous version, or publish part of the step
+(``decide``). Policies are pure: they see numbers, never models, so they are tested on constructed
+metric sequences; the hub applies them and logs every decision with its reason.
 """
 
 from __future__ import annotations
