@@ -649,7 +649,12 @@ class Hub:
             metrics[f"candidate_{key}"] = metrics[key]
         if decision.action == "revert":
             self._optimizer.load_state_dict(buffers_before)  # the discarded step leaves no momentum behind
-            kept = {k: self._current.metrics[k] for k in metrics if k in self._current.metrics and "@" not in k}
+            # The published state is the previous one: so are its metrics, but not its decision or candidates.
+            kept = {
+                k: self._current.metrics[k]
+                for k in metrics
+                if k in self._current.metrics and "@" not in k and k != "decision" and not k.startswith("candidate_")
+            }
             return self.global_state(), "reverted", {**metrics, **kept}
         mixed = {
             name: (self._global[name] + decision.mix * (candidate[name] - self._global[name])).astype(np.float32)

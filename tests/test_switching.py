@@ -395,6 +395,7 @@ def test_switching_on_a_real_model_over_a_real_broker(tmp_path: Path, mqtt_broke
     # round 2: the central step loses (0.62 -> 0.58): undone; the aggregate is published (0.62 > 0.605)
     # round 3: the central step gains 0.005 (no more than the minimum gain: stop); 0.555 < 0.62: reverted
     assert [v.kind for v in versions] == ["init", "fedavg+central", "fedavg", "reverted"]
+    assert [v.metrics.get("decision") for v in versions[1:]] == [0, 0, 1]  # publish, publish, revert
     assert [v.metrics.get("central_steps") for v in versions[1:]] == [2, 0, 1]
     assert [v.metrics["heldout_accuracy"] for v in versions] == pytest.approx([0.50, 0.605, 0.62, 0.62])
     assert len(central_calls) == 4 and next(replay, None) is None  # every step and evaluation happened
