@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -36,13 +37,18 @@ def test_read_status_bytes_parses_kb_fields(memory_bench: ModuleType, tmp_path: 
 
 @linux_only
 def test_phase_meter_resets_the_peak_per_phase(memory_bench: ModuleType) -> None:
+    def touch(size: int) -> None:
+        """Fresh anonymous pages, every one written (malloc could reuse resident heap memory instead)."""
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        block.close()
+
     meter = memory_bench.PhaseMeter()
     with meter.phase("big") as big:
-        block = b"\x01" * (96 * MiB)  # written, so every page is resident
-        del block
+        touch(96 * MiB)
     with meter.phase("small") as small:
-        block = b"\x01" * (8 * MiB)
-        del block
+        touch(8 * MiB)
     assert [p.name for p in meter.phases] == ["big", "small"]
     assert big.peak_bytes - big.rss_before_bytes >= 90 * MiB
     assert big.rss_after_bytes < big.peak_bytes - 80 * MiB  # freed again (mmap-sized blocks go back)
