@@ -160,8 +160,10 @@ def test_publish_waits_for_reconnect_or_times_out(
     memory_broker: InMemoryBroker, clients: MakeClient, inbox: type[Inbox]
 ) -> None:
     box = inbox()
-    clients("sub").subscribe("t", box)
     pub = clients("pub")
+    # Subscribed on the publisher itself: it re-subscribes before it flushes what it queued, so the
+    # message cannot race a second client's reconnect (the broker keeps nothing for absent clients).
+    pub.subscribe("t", box)
     memory_broker.stop()
     start = time.monotonic()
     with pytest.raises(TransportError, match="not connected"):
