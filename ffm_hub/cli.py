@@ -148,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=None, help="logs and state (default: a temp folder)")
     demo.add_argument("--data-dir", default=None, help="GLUE-format data folder (default: $FFM_DATA_DIR)")
     demo.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+
+    from ffm_hub.experiments.cli import DESCRIPTION, EPILOG, add_arguments
+
+    experiment = sub.add_parser(
+        "experiment",
+        help="reproduce the paper's tables (centralized / FL / FFM) through this hub and edge code, resumably",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(experiment)
     return parser
 
 
@@ -277,6 +288,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from ffm_hub.experiments.cli import run_from_args
+
+    return run_from_args(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ffm-hub``."""
     parser = build_parser()
@@ -285,7 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.verbose, args.log_format)
     except FFMError as exc:  # a bad $FFM_LOG_FORMAT: say so like a bad flag, before any work starts
         parser.error(str(exc))
-    commands = {"serve": _serve, "status": _status, "demo": _demo, "example-config": _example_config}
+    commands = {
+        "serve": _serve,
+        "status": _status,
+        "demo": _demo,
+        "example-config": _example_config,
+        "experiment": _experiment,
+    }
     try:
         return commands[args.command](args)
     except FFMError as exc:
