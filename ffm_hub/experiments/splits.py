@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ffm_edge.data import LabeledData, dirichlet_partition, kshot_sample, load_split
-from ffm_edge.errors import ConfigError, DataError
-from ffm_hub.experiments.spec import RunSpec
+from ffm_edge.data import dirichlet_partition, kshot_sample
+from ffm_edge.errors import DataError
 
-__all__ = ["Splits", "load_splits", "make_splits", "shots_for"]
+__all__ = ["Splits", "make_splits", "shots_for"]
 
 
 def shots_for(k: int, regression: bool) -> int:
@@ -98,20 +96,3 @@ def make_splits(
     minimum = min(2, k_private)
     parts = dirichlet_partition(labels[pool], institutions, alpha, seed=seed + 2, min_per_client=minimum)
     return Splits(public=np.sort(public), private=tuple(np.sort(pool[p]) for p in parts))
-
-
-def load_splits(spec: RunSpec, data_dir: str | Path | None) -> tuple[LabeledData, Splits]:
-    """The task's full train split and the seed's shards over it."""
-    train = load_split(spec.task, "train", data_dir=data_dir)
-    if len(train) == 0:
-        raise ConfigError(f"{spec.task}: the train split is empty")
-    splits = make_splits(
-        train.labels,
-        seed=spec.seed,
-        institutions=spec.institutions,
-        k_public=spec.k_public,
-        k_private=spec.k_private,
-        alpha=spec.alpha,
-        regression=train.info.is_regression,
-    )
-    return train, splits
