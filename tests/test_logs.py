@@ -30,6 +30,9 @@ def bare_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
     monkeypatch.delenv("FFM_LOG_FORMAT", raising=False)
     root = logging.getLogger()
     saved_level = root.level
+    ffm = logging.getLogger("ffm")  # a tool run earlier in this process may have left its level set
+    saved_ffm_level = ffm.level
+    ffm.setLevel(logging.NOTSET)
     quiet = {name: logging.getLogger(name).level for name in ("transformers", "amqtt", "peft")}
 
     def clear() -> None:
@@ -41,6 +44,7 @@ def bare_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(saved_level)
+    ffm.setLevel(saved_ffm_level)
     for name, level in quiet.items():
         logging.getLogger(name).setLevel(level)
 

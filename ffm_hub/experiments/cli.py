@@ -112,11 +112,20 @@ def _say(message: str) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run (or list, or report) the grid the arguments select."""
+    ffm_logger = logging.getLogger("ffm")
+    level = ffm_logger.level
+    if not getattr(args, "verbose", False):
+        ffm_logger.setLevel(logging.WARNING)  # the hub logs every update at INFO
+    try:
+        return _run(args)
+    finally:
+        ffm_logger.setLevel(level)  # a caller in the same process (a test, a notebook) keeps its logging
+
+
+def _run(args: argparse.Namespace) -> int:
     from ffm_hub.experiments.runner import load_result, run_many
     from ffm_hub.experiments.spec import load_experiment
 
-    if not getattr(args, "verbose", False):
-        logging.getLogger("ffm").setLevel(logging.WARNING)  # the hub logs every update at INFO
     experiment = load_experiment(args.spec)
     if args.overrides:
         experiment = experiment.with_run(**dict(_parse_override(o) for o in args.overrides))
