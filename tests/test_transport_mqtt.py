@@ -157,7 +157,7 @@ def test_publish_waits_for_broker_restart(mqtt_broker: ManagedBroker, clients: M
     start = time.monotonic()
     # Either the client already knows the broker is gone, or it is mid-reconnect and gets no PUBACK:
     # both fail fast with a TransportError, never a silent success.
-    with pytest.raises(TransportError, match="not connected|no acknowledgement"):
+    with pytest.raises(TransportError, match=r"not connected|no acknowledgement"):
         pub.publish("t", b"lost", timeout=0.3)
     assert time.monotonic() - start < 2.0
 
