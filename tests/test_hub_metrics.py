@@ -8,22 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from wire_device import FED, Device
+from wire_device import FED, Device, memory_hub
 
 from ffm_edge.errors import ConfigError
-from ffm_edge.transport import InMemoryBroker, InMemoryTransport
 from ffm_edge.wire import (
     Receipt,
     Rejection,
 )
-from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.metrics import start_metrics_server  # imports prometheus_client lazily
-from ffm_hub.store import SqliteStore
 
 parser = pytest.importorskip("prometheus_client.parser")
-
-
-STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
 
 
 def delta(value: float) -> dict[str, np.ndarray]:
@@ -32,15 +26,8 @@ def delta(value: float) -> dict[str, np.ndarray]:
 
 @pytest.fixture()
 def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
-    broker = InMemoryBroker()
-    transport = InMemoryTransport(broker, "hub")
-    transport.connect()
-    store = SqliteStore(tmp_path / "store")
-    hub = Hub(HubSettings(federation=FED, tau=2), transport, store, initial_state=lambda: STATE)
-    hub.start()
-    yield broker, hub
-    hub.stop()
-    store.close()
+    with memory_hub(tmp_path / "store") as running:
+        yield running
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

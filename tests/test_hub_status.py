@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from wire_device import FED, Device
+from wire_device import FED, Device, memory_hub
 
-from ffm_edge.transport import InMemoryBroker, InMemoryTransport, MqttTransport
+from ffm_edge.transport import InMemoryBroker, MqttTransport
 from ffm_edge.wire import (
     ChunkAssembler,
     Completed,
@@ -42,7 +42,7 @@ from ffm_edge.wire import (
 )
 from ffm_hub.brokers import ManagedBroker
 from ffm_hub.cli import main as hub_main
-from ffm_hub.hub import Hub, HubSettings
+from ffm_hub.hub import Hub
 from ffm_hub.status import (
     STATUS_FILE,
     StatusWriter,
@@ -56,7 +56,6 @@ from ffm_hub.status import (
 )
 from ffm_hub.store import SqliteStore
 
-STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
 INTERVAL = 0.05  # seconds between snapshots in these tests
 
 
@@ -67,15 +66,8 @@ def delta(value: float) -> dict[str, np.ndarray]:
 @pytest.fixture()
 def hub(tmp_path: Path) -> Iterator[tuple[InMemoryBroker, Hub]]:
     """A hub with tau 2 whose store lies where ``ffm-hub serve`` puts it: ``<state_dir>/store``."""
-    broker = InMemoryBroker()
-    transport = InMemoryTransport(broker, "hub")
-    transport.connect()
-    store = SqliteStore(tmp_path / "store")
-    hub = Hub(HubSettings(federation=FED, tau=2), transport, store, initial_state=lambda: STATE)
-    hub.start()
-    yield broker, hub
-    hub.stop()
-    store.close()
+    with memory_hub(tmp_path / "store") as running:
+        yield running
 
 
 def wait_for(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -18,8 +21,27 @@ from ffm_edge.wire import (
     encode_update,
     split_frame,
 )
+from ffm_hub.hub import Hub, HubSettings
+from ffm_hub.store import SqliteStore
 
 FED = "fed"
+STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
+
+
+@contextlib.contextmanager
+def memory_hub(store_dir: Path, tau: int = 2) -> Iterator[tuple[InMemoryBroker, Hub]]:
+    """A hub on STATE over a fresh in-memory broker, its SQLite store in ``store_dir``."""
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    store = SqliteStore(store_dir)
+    hub = Hub(HubSettings(federation=FED, tau=tau), transport, store, initial_state=lambda: STATE)
+    hub.start()
+    try:
+        yield broker, hub
+    finally:
+        hub.stop()
+        store.close()
 
 
 class Device:
