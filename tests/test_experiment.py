@@ -17,8 +17,9 @@ import pytest
 
 from ffm_edge.errors import ConfigError
 from ffm_hub.cli import main as hub_main
-from ffm_hub.experiments.runner import Ledger, load_result, run_one
-from ffm_hub.experiments.spec import ExperimentSpec, RunSpec, load_experiment
+from ffm_hub.experiments.report import collect, paired_comparisons, render_markdown, sign_test_p
+from ffm_hub.experiments.runner import Ledger, load_result, result_path, run_one
+from ffm_hub.experiments.spec import MAIN, ExperimentSpec, RunSpec, Variant, load_experiment
 from ffm_hub.experiments.splits import make_splits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +60,13 @@ central_epochs = 1
 centralized_epochs = 1
 eval_limit = 16
 curve_eval_limit = 8
+
+[[variants]]
+name = "lora-fl"
+label = "MiniLM lora (FL only)"
+methods = ["fl"]
+run = { strategy = "lora" }
+note = "One method only: a test of variant rows."
 """
 
 
@@ -128,6 +136,66 @@ def test_experiment_grid_order_filters_and_shipped_specs() -> None:
         assert list(experiment.runs()), path
 
 
+def _from_toml(**fields: Any) -> ExperimentSpec:
+    """An experiment whose variants are plain tables, as ``load_experiment`` hands them over."""
+    return ExperimentSpec(**fields)
+
+
+def test_variants_add_rows_with_other_settings() -> None:
+    grid = _from_toml(
+        name="g",
+        tasks=("sst2", "mrpc"),
+        seeds=(1, 2, 3),
+        variants=(
+            {"name": "smollm2", "tasks": ["sst2"], "seeds": [1], "run": {"model": "smollm2-135m"}},
+            {"name": "same", "methods": ["fl"]},  # the main grid's FL runs again: shared, not repeated
+        ),
+    )
+    assert all(isinstance(v, Variant) for v in grid.variants)
+    assert [name for name, _ in grid.grids()] == [MAIN, "smollm2", "same"]
+    runs = list(grid.runs())
+    assert len(runs) == 2 * 3 * 3 + 3  # the "same" variant adds nothing new
+    assert len({r.key for r in runs}) == len(runs)
+    smol = list(grid.runs(variants=["smollm2"]))
+    assert [(r.task, r.seed, r.model) for r in smol] == [("sst2", 1, "smollm2-135m")] * 3
+    assert {r.model for r in grid.runs(variants=[MAIN])} == {"minilm-l6-v2"}
+    with pytest.raises(ConfigError, match="unknown variants"):
+        list(grid.runs(variants=["nope"]))
+    for bad, match in (
+        ({"name": "x", "run": {"seed": 1}}, "cannot set"),
+        ({"name": "x", "epochs": 3}, "unknown keys"),
+        ({"name": MAIN}, "other than"),
+        ({"name": "x", "run": {"rounds": 0}}, "rounds"),
+        ({"name": "x", "tasks": []}, "non-empty"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            _from_toml(name="g", tasks=("sst2",), variants=(bad,))
+    with pytest.raises(ConfigError, match="repeat"):
+        _from_toml(name="g", tasks=("sst2",), variants=({"name": "a"}, {"name": "a"}))
+
+
+def test_sign_test_and_paired_verdicts(tmp_path: Path) -> None:
+    assert sign_test_p(5, 0) == sign_test_p(0, 5) == 0.0625  # 2 * (1/2)^5
+    assert sign_test_p(4, 1) == pytest.approx(2 * 6 / 32)
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(2, 2) == 1.0
+    experiment = ExperimentSpec(name="p", tasks=("sst2",), seeds=(1, 2, 3, 4), shots=(4,))
+    accuracy = {"centralized": [0.5, 0.5, 0.5, 0.5], "fl": [0.6, 0.7, 0.5, 0.6], "ffm": [0.7, 0.6, 0.6, 0.7]}
+    for spec in experiment.runs():
+        value = accuracy[spec.method][experiment.seeds.index(spec.seed)]
+        path = result_path(tmp_path, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {"key": spec.key, "status": "done", "final": {"accuracy": value}, "timing": {"total_s": 1.0}}
+        path.write_text(json.dumps(document))
+    grid = collect(experiment, tmp_path)
+    assert grid.done == grid.expected == 12
+    pairs = {p["versus"]: p for p in paired_comparisons(grid)}
+    assert pairs["centralized"]["verdict"] == "FFM higher on every seed"
+    assert pairs["centralized"]["ffm_wins"] == 4 and pairs["centralized"]["median_delta"] == pytest.approx(0.15)
+    assert pairs["fl"]["verdict"] == "within noise"  # +0.1, -0.1, +0.1, +0.1
+    assert (pairs["fl"]["ffm_wins"], pairs["fl"]["ffm_losses"]) == (3, 1)
+    assert "Is the difference more than noise?" in render_markdown(grid)
+
+
 def test_cli_help_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         hub_main(["experiment", "--help"])
@@ -140,8 +208,10 @@ def test_cli_help_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     argv = ["experiment", str(spec_path), "--out-dir", str(tmp_path / "out"), "--dry-run", "--set", "rounds=2"]
     assert hub_main([*argv, "--methods", "fl,ffm"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and all("to run" in line for line in lines)
+    assert len(lines) == 3 and all("to run" in line for line in lines)  # FL and FFM, and the variant's FL
     assert "sst2 k=4 fl seed=7" in lines[0]
+    assert hub_main([*argv, "--variants", "lora-fl"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
     assert hub_main(["experiment", str(spec_path), "--dry-run", "--set", "rounds=0"]) == 2  # a clear error
 
 
@@ -218,10 +288,10 @@ def test_tiny_configuration_runs_caches_and_reports(tmp_path: Path) -> None:
     assert hub_main(argv) == 0
 
     experiment = load_experiment(spec_path)
-    specs = list(experiment.runs())
+    specs = list(experiment.runs(variants=[MAIN]))
     results = {s.method: load_result(out, s) for s in specs}
     assert all(r is not None for r in results.values()), "every run left a complete result file"
-    assert len(list((out / "runs").glob("*.json"))) == 3
+    assert len(list((out / "runs").glob("*.json"))) == 4  # three methods, and the variant's one run
     for method, result in results.items():
         assert result is not None
         assert result["spec"]["method"] == method and result["status"] == "done"
@@ -251,13 +321,16 @@ def test_tiny_configuration_runs_caches_and_reports(tmp_path: Path) -> None:
 
     # The report: paper layout with the paper's numbers, and a plot.
     report = (out / "tiny.md").read_text()
-    assert "Runs done: **3 of 3**" in report
+    assert "Runs done: **4 of 4**" in report
     assert "DistilBERT (paper, best of 5)" in report and "69.38" in report
     assert "(ours, best of n)" in report
+    assert "| MiniLM lora (FL only) (ours, median [min–max]) | FL |" in report
+    assert "One method only: a test of variant rows." in report
     if importlib.util.find_spec("matplotlib") is not None:  # plots need the [bench] extra
         assert (out / "tiny_rounds.png").stat().st_size > 1000
     summary = json.loads((out / "tiny.json").read_text())
-    assert summary["runs_done"] == 3
+    assert summary["runs_done"] == 4
+    assert {c["variant"] for c in summary["cells"]} == {MAIN, "lora-fl"}
 
     # A rerun skips what is done: no result file is rewritten.
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}

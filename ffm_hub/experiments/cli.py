@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_ints, default=None, help="only these seeds (comma-separated)")
     parser.add_argument("--shots", type=_ints, default=None, help="only these k (comma-separated)")
     parser.add_argument(
+        "--variants",
+        type=_csv,
+        default=None,
+        help="only these row groups: 'main' (the spec's own grid) and/or [[variants]] names, e.g. smollm2",
+    )
+    parser.add_argument(
         "--transport",
         choices=("memory", "mqtt"),
         default="memory",
@@ -131,7 +137,12 @@ def _run(args: argparse.Namespace) -> int:
         experiment = experiment.with_run(**dict(_parse_override(o) for o in args.overrides))
     specs = list(
         experiment.runs(
-            tasks=args.tasks, methods=args.methods, seeds=args.seeds, shots=args.shots, transport=args.transport
+            tasks=args.tasks,
+            methods=args.methods,
+            seeds=args.seeds,
+            shots=args.shots,
+            transport=args.transport,
+            variants=args.variants,
         )
     )
     if not specs:

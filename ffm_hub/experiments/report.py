@@ -18,9 +18,19 @@ from typing import Any
 from ffm_edge.data import get_task
 from ffm_hub.experiments import paper
 from ffm_hub.experiments.runner import load_result, metrics_for
-from ffm_hub.experiments.spec import ExperimentSpec, RunSpec
+from ffm_hub.experiments.spec import MAIN, ExperimentSpec, RunSpec
 
-__all__ = ["Cell", "Grid", "broker_check", "collect", "render_markdown", "write_report"]
+__all__ = [
+    "Cell",
+    "Grid",
+    "Source",
+    "broker_check",
+    "collect",
+    "paired_comparisons",
+    "render_markdown",
+    "sign_test_p",
+    "write_report",
+]
 
 TASK_LABELS = {
     "sst2": "SST-2",
@@ -78,30 +88,47 @@ class Cell:
 
 
 @dataclass
+class Source:
+    """One block of "ours" rows: the experiment's own grid or one of its variants."""
+
+    name: str
+    label: str
+    experiment: ExperimentSpec
+    note: str = ""
+
+
+@dataclass
 class Grid:
     experiment: ExperimentSpec
     transport: str
-    cells: dict[tuple[str, int, str], Cell]
+    cells: dict[tuple[str, str, int, str], Cell]
     expected: int
     done: int
+    sources: list[Source] = field(default_factory=list)
 
-    def cell(self, task: str, k: int, method: str) -> Cell | None:
-        return self.cells.get((get_task(task).name, k, method))
+    def cell(self, task: str, k: int, method: str, variant: str = MAIN) -> Cell | None:
+        return self.cells.get((variant, get_task(task).name, k, method))
 
 
 def collect(experiment: ExperimentSpec, out_dir: str | Path, *, transport: str = "memory") -> Grid:
-    """Every run of the grid with its cached result, if any."""
-    cells: dict[tuple[str, int, str], Cell] = {}
-    expected = done = 0
-    for spec in experiment.runs(transport=transport):
-        expected += 1
-        key = (spec.task, spec.k_private, spec.method)
-        cell = cells.setdefault(key, Cell(spec.task, spec.k_private, spec.method, experiment.seeds))
-        result = load_result(out_dir, spec)
-        if result is not None:
-            cell.results[spec.seed] = result
-            done += 1
-    return Grid(experiment, transport, cells, expected, done)
+    """Every run of the grid and of its variants, with its cached result, if any."""
+    cells: dict[tuple[str, str, int, str], Cell] = {}
+    keys: set[str] = set()
+    found: set[str] = set()
+    sources = []
+    for name, sub in experiment.grids():
+        variant = experiment.variant(name)
+        label = (variant.label if variant else "") or _model_label(sub)
+        sources.append(Source(name, label, sub, variant.note if variant else ""))
+        for spec in sub.runs(transport=transport):
+            keys.add(spec.key)
+            key = (name, spec.task, spec.k_private, spec.method)
+            cell = cells.setdefault(key, Cell(spec.task, spec.k_private, spec.method, sub.seeds))
+            result = load_result(out_dir, spec)
+            if result is not None:
+                cell.results[spec.seed] = result
+                found.add(spec.key)
+    return Grid(experiment, transport, cells, len(keys), len(found), sources)
 
 
 # -- formatting ---------------------------------------------------------------------------------------------
@@ -137,8 +164,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | No
 def _model_label(experiment: ExperimentSpec) -> str:
     model = experiment.run.get("model", "minilm-l6-v2")
     strategy = experiment.run.get("strategy", "lora")
-    names = {"minilm-l6-v2": "all-MiniLM-L6-v2", "efficientnet-lite0": "EfficientNet-Lite0"}
+    names = {
+        "minilm-l6-v2": "all-MiniLM-L6-v2",
+        "efficientnet-lite0": "EfficientNet-Lite0",
+        "smollm2-135m": "SmolLM2-135M",
+    }
     return f"{names.get(model, model)} {strategy}"
+
+
+def _variant_notes(grid: Grid) -> list[str]:
+    """One line per variant: its label, seeds, tasks and the settings it changes."""
+    lines = []
+    for src in grid.sources[1:]:
+        variant = grid.experiment.variant(src.name)
+        changed = ", ".join(f"{k}={v}" for k, v in sorted(variant.run.items())) if variant else ""
+        tasks = ", ".join(TASK_LABELS.get(t, t) for t in src.experiment.tasks)
+        text = f"- **{src.label}** (`{src.name}`): tasks {tasks}; seeds {list(src.experiment.seeds)}"
+        if changed:
+            text += f"; changes {changed}"
+        if src.note:
+            text += f". {src.note}"
+        lines.append(text)
+    return ["Rows with other settings:", "", *lines, ""] if lines else []
 
 
 def _settings_line(experiment: ExperimentSpec) -> str:
@@ -192,23 +239,23 @@ def _table1(grid: Grid) -> list[str]:
     exp = grid.experiment
     tasks = list(exp.tasks)
     k = exp.shots[0]
-    label = _model_label(exp)
     header = ["Model", "Method", *(TASK_LABELS.get(get_task(t).name, t) for t in tasks)]
     rows = []
-    for stat, fmt in (("median [min–max]", fmt_range), ("best of n", fmt_best)):
-        for method in exp.methods:
-            row = [f"{label} (ours, {stat})", METHOD_LABELS[method]]
-            for t in tasks:
-                cell = grid.cell(t, k, method)
-                row.append(fmt(cell.stats(metrics_for(t)[0]) if cell else None))
-            rows.append(row)
+    for src in grid.sources:
+        for stat, fmt in (("median [min–max]", fmt_range), ("best of n", fmt_best)):
+            for method in src.experiment.methods:
+                row = [f"{src.label} (ours, {stat})", METHOD_LABELS[method]]
+                for t in tasks:
+                    cell = grid.cell(t, k, method, src.name)
+                    row.append(fmt(cell.stats(metrics_for(t)[0]) if cell else None))
+                rows.append(row)
     for model, by_method in paper.TABLE1.items():
         for method in exp.methods:
             values = by_method.get(method, {})
             row = [f"{model} (paper, best of 5)", METHOD_LABELS[method]]
             row += [f"{values[get_task(t).name]:.2f}" if get_task(t).name in values else "—" for t in tasks]
             rows.append(row)
-    lines = [f"## Paper layout ({k}-shot)", "", *_table(header, rows), ""]
+    lines = [f"## Paper layout ({k}-shot)", "", *_table(header, rows), "", *_variant_notes(grid)]
     lines += [
         "Primary metric per task: "
         + ", ".join(f"{TASK_LABELS.get(get_task(t).name, t)} {metrics_for(t)[0]}" for t in tasks)
@@ -218,32 +265,39 @@ def _table1(grid: Grid) -> list[str]:
         "",
     ]
     detail = []
-    for t in tasks:
-        for metric in metrics_for(t):
-            for method in exp.methods:
-                cell = grid.cell(t, k, method)
-                stats = cell.stats(metric) if cell else None
-                ref = [
-                    f"{paper.TABLE1[m][method].get(get_task(t).name, float('nan')):.2f}"
-                    if metric == metrics_for(t)[0]
-                    else ""
-                    for m in paper.TABLE1
-                ]
-                seconds = cell.mean_seconds() if cell else None
-                detail.append(
-                    [
-                        TASK_LABELS.get(get_task(t).name, t),
-                        METRIC_LABELS.get(metric, metric),
-                        METHOD_LABELS[method],
-                        str(stats["n"] if stats else 0),
-                        fmt_range(stats),
-                        fmt_best(stats),
-                        *ref,
-                        "—" if seconds is None else f"{seconds:.0f}",
-                    ]
-                )
+    combos = [
+        (src, task, metric, method)
+        for src in grid.sources
+        for task in tasks
+        for metric in metrics_for(task)
+        for method in src.experiment.methods
+    ]
+    for src, t, metric, method in combos:
+        cell = grid.cell(t, k, method, src.name)
+        if cell is None:
+            continue
+        stats = cell.stats(metric)
+        ref = [
+            f"{paper.TABLE1[m][method].get(get_task(t).name, float('nan')):.2f}" if metric == metrics_for(t)[0] else ""
+            for m in paper.TABLE1
+        ]
+        seconds = cell.mean_seconds()
+        detail.append(
+            [
+                src.label,
+                TASK_LABELS.get(get_task(t).name, t),
+                METRIC_LABELS.get(metric, metric),
+                METHOD_LABELS[method],
+                str(stats["n"] if stats else 0),
+                fmt_range(stats),
+                fmt_best(stats),
+                *ref,
+                "—" if seconds is None else f"{seconds:.0f}",
+            ]
+        )
     lines += _table(
         [
+            "rows",
             "task",
             "metric",
             "method",
@@ -260,7 +314,6 @@ def _table1(grid: Grid) -> list[str]:
 
 def _table2(grid: Grid) -> list[str]:
     exp = grid.experiment
-    label = _model_label(exp)
     lines = ["## Paper layout (k-shot sweep)", ""]
     header = ["Dataset", "Method", "Source", *(f"{k}-shot" for k in exp.shots)]
     rows = []
@@ -268,18 +321,21 @@ def _table2(grid: Grid) -> list[str]:
         name = get_task(t).name
         metric = metrics_for(t)[0]
         for method in exp.methods:
-            cells = [grid.cell(t, k, method) for k in exp.shots]
-            stats = [c.stats(metric) if c else None for c in cells]
             base = [TASK_LABELS.get(name, t), METHOD_LABELS[method]]
-            rows.append([*base, f"{label} (ours, median [min–max])", *(fmt_range(s) for s in stats)])
-            rows.append([*base, f"{label} (ours, best of n)", *(fmt_best(s) for s in stats)])
+            for src in grid.sources:
+                cells = [grid.cell(t, k, method, src.name) for k in exp.shots]
+                if not any(cells):
+                    continue
+                stats = [c.stats(metric) if c else None for c in cells]
+                rows.append([*base, f"{src.label} (ours, median [min–max])", *(fmt_range(s) for s in stats)])
+                rows.append([*base, f"{src.label} (ours, best of n)", *(fmt_best(s) for s in stats)])
             ref = paper.TABLE2.get(name, {}).get(method, {})
             rows.append(
                 [*base, "DistilBERT (paper, best of 5)", *(f"{ref[k]:.2f}" if k in ref else "—" for k in exp.shots)]
             )
     lines += _table(header, rows)
+    lines += ["", *_variant_notes(grid)]
     lines += [
-        "",
         "Primary metric: "
         + ", ".join(f"{TASK_LABELS.get(get_task(t).name, t)} {metrics_for(t)[0]}" for t in exp.tasks)
         + ".",
@@ -289,21 +345,21 @@ def _table2(grid: Grid) -> list[str]:
 
 def _table3(grid: Grid) -> list[str]:
     exp = grid.experiment
-    label = _model_label(exp)
     k = exp.shots[0]
     lines = [f"## Paper layout ({k}-shot)", ""]
     header = ["Model", "Method"]
     for t in exp.tasks:
         header += [f"{TASK_LABELS.get(get_task(t).name, t)} accuracy", f"{TASK_LABELS.get(get_task(t).name, t)} F1"]
     rows = []
-    for stat, fmt in (("median [min–max]", fmt_range), ("best of n", fmt_best)):
-        for method in exp.methods:
-            row = [f"{label} (ours, {stat})", METHOD_LABELS[method]]
-            for t in exp.tasks:
-                cell = grid.cell(t, k, method)
-                for metric in ("accuracy", "macro_f1"):
-                    row.append(fmt(cell.stats(metric) if cell else None))
-            rows.append(row)
+    for src in grid.sources:
+        for stat, fmt in (("median [min–max]", fmt_range), ("best of n", fmt_best)):
+            for method in src.experiment.methods:
+                row = [f"{src.label} (ours, {stat})", METHOD_LABELS[method]]
+                for t in exp.tasks:
+                    cell = grid.cell(t, k, method, src.name)
+                    for metric in ("accuracy", "macro_f1"):
+                        row.append(fmt(cell.stats(metric) if cell else None))
+                rows.append(row)
     for model, by_task in paper.TABLE3.items():
         for method in exp.methods:
             row = [f"{model} (paper, median of 5)", METHOD_LABELS[method]]
@@ -312,8 +368,8 @@ def _table3(grid: Grid) -> list[str]:
                 row += [f"{ref[0]:.2f}", f"{ref[1]:.2f}"] if ref else ["—", "—"]
             rows.append(row)
     lines += _table(header, rows)
+    lines += ["", *_variant_notes(grid)]
     lines += [
-        "",
         "Ours: F1 is macro-F1 over the classes. The paper's Table 3 statistic is the median of five "
         "runs, the same as our median column.",
     ]
@@ -322,20 +378,129 @@ def _table3(grid: Grid) -> list[str]:
 
 def _curve_note(grid: Grid) -> list[str]:
     lines = ["", "## Wall time per run (s, mean over the seeds done)", ""]
+    labels = {src.name: src.label for src in grid.sources}
     rows = []
-    for (task, k, method), cell in sorted(grid.cells.items()):
+    total = 0.0
+    for (variant, task, k, method), cell in sorted(grid.cells.items()):
         seconds = cell.mean_seconds()
         if seconds is not None:
+            total += seconds * len(cell.results)
             rows.append(
-                [TASK_LABELS.get(task, task), str(k), METHOD_LABELS[method], str(len(cell.results)), f"{seconds:.0f}"]
+                [
+                    labels[variant],
+                    TASK_LABELS.get(task, task),
+                    str(k),
+                    METHOD_LABELS[method],
+                    str(len(cell.results)),
+                    f"{seconds:.0f}",
+                ]
             )
-    return [*lines, *_table(["task", "k", "method", "runs", "s/run"], rows)] if rows else []
+    if not rows:
+        return []
+    return [
+        *lines,
+        *_table(["rows", "task", "k", "method", "runs", "s/run"], rows),
+        "",
+        f"Sum of the runs' wall times: **{total / 3600:.2f} h** (one process; runs may have shared the 2 cores).",
+    ]
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (ties dropped): how often a fair coin splits at least this unevenly."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparisons(grid: Grid) -> list[dict[str, Any]]:
+    """FFM against FL and against centralized, seed by seed (a seed fixes the data splits of all three).
+
+    A difference is called "within noise" unless FFM is ahead (or behind) on every one of at least three
+    common seeds; the sign-test p-value is given too (with 5 seeds its smallest value is 0.0625).
+    """
+    out = []
+    for src in grid.sources:
+        exp = src.experiment
+        if "ffm" not in exp.methods:
+            continue
+        for t in exp.tasks:
+            metric = metrics_for(t)[0]
+            for k in exp.shots:
+                ffm = grid.cell(t, k, "ffm", src.name)
+                for other in ("fl", "centralized"):
+                    cell = grid.cell(t, k, other, src.name)
+                    if ffm is None or cell is None:
+                        continue
+                    common = sorted(set(ffm.results) & set(cell.results))
+                    if not common:
+                        continue
+                    deltas = [
+                        float(ffm.results[s]["final"][metric]) - float(cell.results[s]["final"][metric]) for s in common
+                    ]
+                    wins = sum(d > 0 for d in deltas)
+                    losses = sum(d < 0 for d in deltas)
+                    if len(deltas) < 3:
+                        verdict = f"{len(deltas)} seed(s): no verdict"
+                    elif wins == len(deltas):
+                        verdict = "FFM higher on every seed"
+                    elif losses == len(deltas):
+                        verdict = "FFM lower on every seed"
+                    else:
+                        verdict = "within noise"
+                    out.append(
+                        {
+                            "variant": src.name,
+                            "task": get_task(t).name,
+                            "k": k,
+                            "metric": metric,
+                            "versus": other,
+                            "seeds": common,
+                            "ffm_wins": wins,
+                            "ffm_losses": losses,
+                            "median_delta": statistics.median(deltas),
+                            "sign_test_p": sign_test_p(wins, losses),
+                            "verdict": verdict,
+                        }
+                    )
+    return out
+
+
+def _paired_note(grid: Grid) -> list[str]:
+    pairs = paired_comparisons(grid)
+    if not pairs:
+        return []
+    labels = {src.name: src.label for src in grid.sources}
+    rows = [
+        [
+            labels[p["variant"]],
+            TASK_LABELS.get(p["task"], p["task"]),
+            str(p["k"]),
+            f"FFM − {METHOD_LABELS[p['versus']]}",
+            f"{p['ffm_wins']}/{len(p['seeds'])}",
+            f"{100 * p['median_delta']:+.1f}",
+            f"{p['sign_test_p']:.2f}",
+            p["verdict"],
+        ]
+        for p in pairs
+    ]
+    return [
+        "",
+        "## Is the difference more than noise? (paired by seed)",
+        "",
+        "A seed fixes the data splits, so the methods are compared seed by seed: how many seeds FFM wins, the "
+        "median paired difference in points, and the two-sided sign test. Anything short of FFM ahead (or "
+        "behind) on every seed is called within noise; even 5 of 5 has p = 0.06.",
+        "",
+        *_table(["rows", "task", "k", "comparison", "FFM wins", "median Δ (pts)", "sign test p", "verdict"], rows),
+    ]
 
 
 def render_markdown(grid: Grid, plots: Sequence[str] = ()) -> str:
     """The report of one experiment grid."""
     layout = {"table1": _table1, "table2": _table2, "table3": _table3}[grid.experiment.layout]
-    lines = _header(grid) + layout(grid) + _curve_note(grid)
+    lines = _header(grid) + layout(grid) + _paired_note(grid) + _curve_note(grid)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -344,9 +509,10 @@ def render_markdown(grid: Grid, plots: Sequence[str] = ()) -> str:
 def summary(grid: Grid) -> dict[str, Any]:
     """The report's numbers as JSON."""
     cells = []
-    for (task, k, method), cell in sorted(grid.cells.items()):
+    for (variant, task, k, method), cell in sorted(grid.cells.items()):
         cells.append(
             {
+                "variant": variant,
                 "task": task,
                 "k": k,
                 "method": method,
@@ -361,6 +527,7 @@ def summary(grid: Grid) -> dict[str, Any]:
         "runs_expected": grid.expected,
         "runs_done": grid.done,
         "cells": cells,
+        "paired": paired_comparisons(grid),
     }
 
 
@@ -509,7 +676,8 @@ def write_report(experiment: ExperimentSpec, out_dir: str | Path, *, transport: 
     plots = []
     if grid.done:
         done_per_k = {
-            k: sum(len(c.results) for (_, ck, _), c in grid.cells.items() if ck == k) for k in experiment.shots
+            k: sum(len(c.results) for (v, _, ck, _), c in grid.cells.items() if ck == k and v == MAIN)
+            for k in experiment.shots
         }
         if plot_rounds(grid, out / f"{stem}_rounds.png", k=max(done_per_k, key=lambda k: done_per_k[k])):
             plots.append(f"{stem}_rounds.png")

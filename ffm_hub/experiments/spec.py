@@ -22,12 +22,14 @@ from ffm_edge.errors import ConfigError
 
 __all__ = [
     "LAYOUTS",
+    "MAIN",
     "METHODS",
     "ORDERS",
     "RUNNER_VERSION",
     "TRANSPORTS",
     "ExperimentSpec",
     "RunSpec",
+    "Variant",
     "load_experiment",
 ]
 
@@ -42,6 +44,8 @@ ORDERS = ("federated-then-central", "central-then-federated")
 TRANSPORTS = ("memory", "mqtt")
 #: How the report lays a grid out, after the paper's tables.
 LAYOUTS = ("table1", "table2", "table3")
+#: The name of an experiment's own grid among its variants (``--variants main,smollm2``).
+MAIN = "main"
 
 
 def _positive(value: object, what: str, errors: list[str], *, minimum: int = 1) -> None:
@@ -174,6 +178,41 @@ def run_key(spec: RunSpec) -> str:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """More rows of the same table: the grid again with some run settings changed (another model or strategy).
+
+    Unset ``tasks``, ``methods``, ``seeds`` and ``shots`` are the experiment's; ``run`` overrides its
+    shared settings. A variant with fewer seeds says why in ``note``, and the table prints it.
+    """
+
+    name: str = field(metadata={"help": "short id, for --variants and the JSON (e.g. smollm2, full_q8)"})
+    label: str = field(default="", metadata={"help": "row label in the table (default: model and strategy)"})
+    tasks: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+    shots: tuple[int, ...] | None = None
+    run: Mapping[str, Any] = field(default_factory=dict)
+    note: str = field(default="", metadata={"help": "why it differs (e.g. fewer seeds: compute), shown in the table"})
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        if not isinstance(self.name, str) or not self.name or self.name == MAIN or "," in self.name:
+            errors.append(f"variant name must be a non-empty string other than {MAIN!r}, without commas")
+        for what in ("tasks", "methods", "seeds", "shots"):
+            value = getattr(self, what)
+            if value is None:
+                continue
+            if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+                errors.append(f"{what} must be a non-empty list, got {value!r}")
+            else:
+                object.__setattr__(self, what, tuple(value))
+        if not isinstance(self.run, Mapping):
+            errors.append(f"run must be a table of settings, got {self.run!r}")
+        if errors:
+            raise ConfigError(f"variant {self.name!r}: " + "; ".join(errors))
+
+
+@dataclass(frozen=True)
 class ExperimentSpec:
     """A grid of runs after one of the paper's tables: tasks × shots × seeds × methods.
 
@@ -190,9 +229,28 @@ class ExperimentSpec:
     seeds: tuple[int, ...] = (13, 21, 42, 87, 100)
     shots: tuple[int, ...] = (32,)
     run: Mapping[str, Any] = field(default_factory=dict)
+    variants: tuple[Variant, ...] = field(
+        default=(), metadata={"help": "[[variants]]: more rows with other settings (model, strategy, seeds)"}
+    )
 
     def __post_init__(self) -> None:
         errors: list[str] = []
+        variants = []
+        known = {f.name for f in fields(Variant)}
+        for v in self.variants:
+            if not isinstance(v, Variant):
+                unknown = sorted(set(v) - known) if isinstance(v, Mapping) else ["(not a table)"]
+                if unknown or "name" not in v:
+                    errors.append(f"a variant has unknown keys {unknown} or no name; known: {sorted(known)}")
+                    continue
+            try:
+                variants.append(v if isinstance(v, Variant) else Variant(**v))
+            except ConfigError as exc:
+                errors.append(str(exc))
+        object.__setattr__(self, "variants", tuple(variants))
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            errors.append(f"variant names repeat: {names}")
         if self.layout not in LAYOUTS:
             errors.append(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         for what in ("tasks", "methods", "seeds", "shots"):
@@ -203,15 +261,38 @@ class ExperimentSpec:
                 errors.append(f"{what} has duplicates: {list(value)}")
             else:
                 object.__setattr__(self, what, tuple(value))
-        reserved = {"task", "method", "seed", "k_private"} & set(self.run)
-        if reserved:
-            errors.append(f"[run] cannot set {sorted(reserved)}: use tasks, methods, seeds and shots")
+        for where, run in [("[run]", self.run)] + [(f"variant {v.name!r} run", v.run) for v in variants]:
+            reserved = {"task", "method", "seed", "k_private"} & set(run)
+            if reserved:
+                errors.append(f"{where} cannot set {sorted(reserved)}: use tasks, methods, seeds and shots")
         if errors:
             raise ConfigError(f"experiment {self.name!r}: " + "; ".join(errors))
         try:
             list(self.runs())  # every run must be valid: fail on load, not after an hour of training
         except ConfigError as exc:
             raise ConfigError(f"experiment {self.name!r}: {exc}") from exc
+
+    def grids(self) -> list[tuple[str, ExperimentSpec]]:
+        """``(name, grid)`` for the experiment's own grid (:data:`MAIN`) and then each variant."""
+        if not self.variants:
+            return [(MAIN, self)]
+        out: list[tuple[str, ExperimentSpec]] = [(MAIN, replace(self, variants=()))]
+        for v in self.variants:
+            grid = replace(
+                self,
+                tasks=v.tasks or self.tasks,
+                methods=v.methods or self.methods,
+                seeds=v.seeds or self.seeds,
+                shots=v.shots or self.shots,
+                run={**self.run, **v.run},
+                variants=(),
+            )
+            out.append((v.name, grid))
+        return out
+
+    def variant(self, name: str) -> Variant | None:
+        """The variant called ``name`` (None for :data:`MAIN` or an unknown name)."""
+        return next((v for v in self.variants if v.name == name), None)
 
     def runs(
         self,
@@ -221,11 +302,34 @@ class ExperimentSpec:
         seeds: Sequence[int] | None = None,
         shots: Sequence[int] | None = None,
         transport: str | None = None,
+        variants: Sequence[str] | None = None,
     ) -> Iterator[RunSpec]:
-        """The runs in execution order (task, then k, then seed, then method), optionally filtered.
+        """The runs in execution order, optionally filtered: the main grid, then each variant's.
 
-        One seed's three methods come together, so a partial grid already compares methods on equal data.
+        Within a grid: task, then k, then seed, then method. One seed's three methods come together, so a
+        partial grid already compares methods on equal data. A run two grids share is yielded once.
         """
+        if variants is not None:
+            unknown = sorted(set(variants) - {name for name, _ in self.grids()})
+            if unknown:
+                raise ConfigError(f"unknown variants {unknown}; known: {[name for name, _ in self.grids()]}")
+        seen: set[str] = set()
+        for name, grid in self.grids():
+            if variants is not None and name not in variants:
+                continue
+            for spec in grid._grid_runs(tasks, methods, seeds, shots, transport):
+                if spec.key not in seen:
+                    seen.add(spec.key)
+                    yield spec
+
+    def _grid_runs(
+        self,
+        tasks: Sequence[str] | None,
+        methods: Sequence[str] | None,
+        seeds: Sequence[int] | None,
+        shots: Sequence[int] | None,
+        transport: str | None,
+    ) -> Iterator[RunSpec]:
         want_tasks = None if tasks is None else {get_task(t).name for t in tasks}
         for task in self.tasks:
             if want_tasks is not None and get_task(task).name not in want_tasks:
@@ -266,6 +370,9 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
     data.setdefault("name", path.stem)
+    if not isinstance(data.get("variants", []), list):
+        raise ConfigError(f"{path}: variants must be an array of tables ([[variants]])")
+    data["variants"] = tuple(data.get("variants", ()))
     if "tasks" not in data:
         raise ConfigError(f"{path}: 'tasks' is required")
     return ExperimentSpec(**data)
