@@ -17,7 +17,7 @@ import pytest
 
 from ffm_edge.errors import ConfigError
 from ffm_hub.cli import main as hub_main
-from ffm_hub.experiments.report import collect, paired_comparisons, render_markdown, sign_test_p
+from ffm_hub.experiments.report import broker_check, collect, paired_comparisons, render_markdown, sign_test_p
 from ffm_hub.experiments.runner import Ledger, load_result, result_path, run_one
 from ffm_hub.experiments.spec import MAIN, ExperimentSpec, RunSpec, Variant, load_experiment
 from ffm_hub.experiments.splits import make_splits
@@ -343,20 +343,26 @@ def test_tiny_configuration_runs_caches_and_reports(tmp_path: Path) -> None:
 def test_real_broker_gives_the_in_memory_numbers(tmp_path: Path, mosquitto_binary: str) -> None:
     """The same run over a managed Mosquitto and over the in-process broker: identical numbers."""
     data_dir = write_sst2(tmp_path / "data")
-    base = RunSpec(
-        task="sst2",
-        method="ffm",
-        seed=5,
-        institutions=2,
-        k_public=4,
-        k_private=4,
-        rounds=2,
-        centralized_epochs=1,
-        eval_limit=16,
-        curve_eval_limit=8,
+    experiment = ExperimentSpec(
+        name="tiny-check",
+        tasks=("sst2",),
+        methods=("ffm",),
+        seeds=(5,),
+        shots=(4,),
+        run={"institutions": 2, "rounds": 2, "centralized_epochs": 1, "eval_limit": 16, "curve_eval_limit": 8},
     )
+    (base,) = experiment.runs()
+    mqtt_spec = RunSpec.from_dict({**base.to_dict(), "transport": "mqtt"})
     memory = run_one(base, data_dir=data_dir)
-    mqtt = run_one(RunSpec.from_dict({**base.to_dict(), "transport": "mqtt"}), data_dir=data_dir)
+    mqtt = run_one(mqtt_spec, data_dir=data_dir)
     assert mqtt["final"] == memory["final"]
     assert [p["metrics"] for p in mqtt["curve"]] == [p["metrics"] for p in memory["curve"]]
     assert mqtt["touched"] == memory["touched"]
+    # The report puts the pair side by side, names the table it belongs to and compares the weights.
+    out = tmp_path / "out"
+    for spec, result in ((base, memory), (mqtt_spec, mqtt)):
+        result_path(out, spec).parent.mkdir(parents=True, exist_ok=True)
+        result_path(out, spec).write_text(json.dumps(result))
+    text = broker_check(out, [experiment])
+    (row,) = [line for line in text.splitlines() if "sst2 k=4 ffm seed=5" in line]
+    assert row.startswith("| tiny-check |") and "yes (sha256 equal)" in row

@@ -169,19 +169,34 @@ def _run(args: argparse.Namespace) -> int:
                 keep_going=args.keep_going,
             )
         finally:
-            _report(experiment, args.out_dir, args.transport)
+            _report(experiment, args.out_dir, args.transport, args.spec)
     else:
-        _report(experiment, args.out_dir, args.transport)
+        _report(experiment, args.out_dir, args.transport, args.spec)
     return 0
 
 
-def _report(experiment: ExperimentSpec, out_dir: Path, transport: str) -> None:
+def _sibling_experiments(spec_path: Path, experiment: ExperimentSpec) -> list[ExperimentSpec]:
+    """The experiment and the other valid specs in its folder: the tables a real-broker run may belong to."""
+    from ffm_hub.experiments.spec import load_experiment
+
+    found = [experiment]
+    for path in sorted(spec_path.parent.glob("*.toml")):
+        try:
+            other = load_experiment(path)
+        except ConfigError:
+            continue
+        if other.name != experiment.name:
+            found.append(other)
+    return found
+
+
+def _report(experiment: ExperimentSpec, out_dir: Path, transport: str, spec_path: Path) -> None:
     from ffm_hub.experiments.report import broker_check, write_report
 
     markdown = write_report(experiment, out_dir, transport=transport)
     print(markdown)
     if transport == "mqtt":
-        print(broker_check(out_dir))
+        print(broker_check(out_dir, _sibling_experiments(spec_path, experiment)))
     stem = experiment.name if transport == "memory" else f"{experiment.name}-{transport}"
     _say(f"wrote {Path(out_dir) / stem}.md")
 

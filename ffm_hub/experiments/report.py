@@ -697,9 +697,16 @@ def _same_weights(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> str:
     return "yes (sha256 equal)" if a["final_state_sha256"] == b["final_state_sha256"] else "no"
 
 
-def broker_check(out_dir: str | Path) -> str:
-    """Every run made over MQTT next to the same spec over the in-memory transport (``broker_check.md``)."""
+def broker_check(out_dir: str | Path, experiments: Sequence[ExperimentSpec] = ()) -> str:
+    """Every run made over MQTT next to the same spec over the in-memory transport (``broker_check.md``).
+
+    ``experiments`` name the tables a run belongs to (the "table" column).
+    """
     out = Path(out_dir)
+    owners: dict[str, list[str]] = {}
+    for experiment in experiments:
+        for spec in experiment.runs():
+            owners.setdefault(spec.key, []).append(experiment.name)
     rows = []
     for path in sorted((out / "runs").glob("*.json")):
         try:
@@ -720,6 +727,7 @@ def broker_check(out_dir: str | Path) -> str:
                 curve_diff = f"{max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0):.2g}"
         rows.append(
             [
+                ", ".join(owners.get(twin_spec.key, [])) or "—",
                 spec.label().replace(" [mqtt]", ""),
                 metric,
                 "—" if twin is None else f"{twin['final'][metric]:.4f}",
@@ -742,6 +750,7 @@ def broker_check(out_dir: str | Path) -> str:
         "",
         *_table(
             [
+                "table",
                 "run",
                 "metric",
                 "memory",
