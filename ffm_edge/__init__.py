@@ -1,7 +1,7 @@
 """FFM edge SDK: take part in a federation from a device app.
 
-The public names load lazily, so ``import ffm_edge.wire`` (the wire format) stays free of torch for
-runtimes that cannot ship it.
+The public names load lazily, so ``import ffm_edge.wire`` (the wire format), the client and the ORT
+runtime (``ffm_edge.ort``) stay free of torch for devices that cannot ship it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_split": "ffm_edge.data",
     "dirichlet_partition": "ffm_edge.data",
     "TorchTrainer": "ffm_edge.trainer",
+    "OrtTrainer": "ffm_edge.ort.trainer",
     "FFMError": "ffm_edge.errors",
     "RejectedUpdateError": "ffm_edge.errors",
     "TransportError": "ffm_edge.errors",
@@ -34,6 +35,7 @@ __all__ = [
     "FFMError",
     "LabeledData",
     "ModelSpec",
+    "OrtTrainer",
     "ProgressEvent",
     "RejectedUpdateError",
     "RoundResult",
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from ffm_edge.client import EdgeClient, ProgressEvent, RoundResult
     from ffm_edge.data import LabeledData, TaskInfo, dirichlet_partition, get_task, load_split
     from ffm_edge.errors import FFMError, RejectedUpdateError, TransportError
+    from ffm_edge.ort.trainer import OrtTrainer
     from ffm_edge.spec import ModelSpec, available_specs, load_model_spec
     from ffm_edge.trainer import TorchTrainer
 

@@ -26,6 +26,10 @@ examples:
 
   # an explicit broker, the offline digits data with EfficientNet-Lite0
   ffm-edge run --broker mqtt://127.0.0.1:1883 --model efficientnet-lite0 --task digits --shard 1/3
+
+  # train without torch: build ONNX Runtime artifacts once (where torch is), then run on ORT
+  ffm-edge ort-build --model minilm-l6-v2 --strategy lora --task sst2 --out ort-lora
+  ffm-edge run --runtime ort --ort-artifacts ort-lora --task sst2 --shard 0/3
 """
 
 
@@ -98,7 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=None, help="batch size (default: the model spec's)")
     run.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: forever)")
     run.add_argument("--state-dir", default=None, help="where the outbox lives (default: a temp folder)")
-    run.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    run.add_argument("--threads", type=int, default=1, help="CPU threads (torch, or ORT's intra-op threads)")
+    run.add_argument(
+        "--runtime",
+        default="auto",
+        choices=("auto", "torch", "ort"),
+        help="training runtime: torch, ort (onnxruntime-training, no torch; needs --ort-artifacts), or auto "
+        "(torch when installed; the planner may choose ORT with --budget)",
+    )
+    run.add_argument("--ort-artifacts", default=None, help="folder of ORT training artifacts (ffm-edge ort-build)")
     run.add_argument("--seed", type=int, default=0, help="training seed")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     run.add_argument(
@@ -151,7 +163,62 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the spec's max_length)")
     plan.add_argument("--num-labels", type=int, default=2, help="classes of the task head")
     plan.add_argument("--force", default=None, help="only consider this strategy (error if it cannot fit)")
+    plan.add_argument(
+        "--runtimes",
+        default=None,
+        help="comma-separated runtimes to consider: torch, ort (default: what the device profile reports)",
+    )
+    build = sub.add_parser(
+        "ort-build",
+        help="export a model spec and strategy to ONNX Runtime training artifacts (needs torch and the ort extra)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Build training, eval and optimizer graphs plus a checkpoint for onnxruntime-training, with "
+        "only the strategy's tensors trainable, under the same names TorchTrainer uses, and a manifest "
+        "(ffm-ort.json) that records the spec, strategy, task, tensors, versions, the global version and "
+        "the sha256 of every file. A device then trains with `ffm-edge run --runtime ort --ort-artifacts OUT` "
+        "without PyTorch.",
+    )
+    build.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
+    build.add_argument("--strategy", default="lora", choices=("lora", "prompt", "head"), help="what trains")
+    build.add_argument("--task", default="sst2", help="task (sets the head size and the loss)")
+    build.add_argument("--out", required=True, help="folder to write the artifacts to (replaced)")
+    build.add_argument(
+        "--global-frame",
+        default=None,
+        help="a global version frame (.ffmg, e.g. <hub state>/store/versions/0000000003.ffmg): start from its "
+        "trainable values and record its version",
+    )
+    build.add_argument(
+        "--opset", type=int, default=14, help="ONNX opset (14 is what ORT 1.19's gradient builder takes)"
+    )
+    build.add_argument("--no-dropout", action="store_true", help="export with dropout off (deterministic training)")
+    build.add_argument(
+        "--seed", type=int, default=0, help="seed of the fresh trainable values (without --global-frame)"
+    )
+    build.add_argument("--max-length", type=int, default=None, help="override the spec's max_length (tokens)")
     return parser
+
+
+def _ort_build(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ffm_edge.ort.artifacts import build_artifacts, global_state_from_frame
+    from ffm_edge.spec import load_model_spec
+
+    spec = load_model_spec(args.model)
+    if args.max_length is not None:
+        spec = dataclasses.replace(spec, max_length=args.max_length)
+    version, state = (None, None) if args.global_frame is None else global_state_from_frame(args.global_frame)
+    manifest = build_artifacts(
+        spec, args.task, args.strategy, args.out, global_state=state, global_version=version,
+        opset=args.opset, dropout=not args.no_dropout, seed=args.seed,
+    )  # fmt: skip
+    print(
+        f"built ORT artifacts for {manifest.spec}/{manifest.strategy}/{manifest.task} in {args.out}: "
+        f"{len(manifest.tensors)} trainable tensors ({manifest.num_trainable:,} scalars), opset {manifest.opset}, "
+        f"global version {manifest.global_version if manifest.global_version is not None else '-'}"
+    )
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -162,6 +229,7 @@ def _plan(args: argparse.Namespace) -> int:
     spec = load_model_spec(args.model)
     profile = probe_device(args.budget)
     budget = parse_bytes(args.budget) if args.budget else profile.budget_bytes
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else profile.runtimes
     result = plan_training(
         spec,
         budget,
@@ -170,6 +238,7 @@ def _plan(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         force=args.force,
         available=profile.base_precisions,
+        runtimes=runtimes or ("torch",),
     )
     print(f"model {spec.name}, batch {args.batch_size or spec.training.batch_size}, "
           f"sequence {args.seq_len or spec.max_length}")  # fmt: skip
@@ -188,13 +257,17 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
     from ffm_edge.client import EdgeClient, ProgressEvent, RoundResult
     from ffm_edge.data import describe, dirichlet_partition, load_split, reveal_stream
     from ffm_edge.errors import ConfigError
 
-    torch.set_num_threads(args.threads)
+    if args.runtime != "ort":  # a device on ORT never imports torch
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
     index, count = args.shard
     device_id = args.device_id or f"edge-{index}"
     if (args.stream_initial is None) != (args.stream_per_round is None):
@@ -256,7 +329,11 @@ def _run(args: argparse.Namespace) -> int:
         on_round=on_round,
         data_stream=stream,
         max_local_examples=args.max_local_examples,
+        runtime=args.runtime,
+        ort_artifacts=args.ort_artifacts,
+        threads=args.threads,
     )
+    log.info("%s trains %s on the %s runtime", device_id, client.trainer.strategy.name, client.runtime)
     signal.signal(signal.SIGTERM, lambda *_: client.stop())
     signal.signal(signal.SIGINT, lambda *_: client.stop())
     with client:
@@ -282,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _profile(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "ort-build":
+            return _ort_build(args)
     except FFMError as exc:
         log.error("%s", exc)
         return 2

@@ -29,9 +29,8 @@ import numpy as np
 from ffm_edge.data import LabeledData, check_same_task, concat_data
 from ffm_edge.errors import ConfigError, DecodeError, FFMError, RejectedUpdateError, TransportError
 from ffm_edge.outbox import Outbox
+from ffm_edge.runtime import RUNTIMES, Trainer, TrainReport, torch_available
 from ffm_edge.spec import ModelSpec, load_model_spec
-from ffm_edge.strategies import Strategy
-from ffm_edge.trainer import TorchTrainer, TrainReport
 from ffm_edge.transport import Transport
 from ffm_edge.wire import (
     CODECS,
@@ -55,6 +54,7 @@ from ffm_edge.wire import (
 
 if TYPE_CHECKING:
     from ffm_edge.planner import Plan
+    from ffm_edge.strategies import Strategy
 
 __all__ = ["ClientStopped", "EdgeClient", "PreparedUpdate", "ProgressEvent", "RoundResult"]
 
@@ -112,6 +112,11 @@ class EdgeClient:
     at any time; ``data_stream`` is an iterable of batches the client takes one from before each round
     (see :meth:`add_data` and :func:`ffm_edge.data.reveal_stream`); ``max_local_examples`` keeps only the
     newest N examples, a sliding window, so that a device's data cannot grow forever.
+
+    Runtimes: ``runtime="torch"`` trains with PyTorch, ``runtime="ort"`` with onnxruntime-training from the
+    artifacts in ``ort_artifacts`` (built by ``ffm-edge ort-build``; torch is never imported), and ``"auto"``
+    (default) uses torch when it is installed, else ORT, or lets the planner choose with a memory budget.
+    ``threads`` sets ORT's intra-op threads (torch's are process-wide: the app sets them).
     """
 
     def __init__(
@@ -143,6 +148,9 @@ class EdgeClient:
         discovery_timeout: float = 10.0,
         data_stream: Iterable[LabeledData | None] | None = None,
         max_local_examples: int | None = None,
+        runtime: str = "auto",
+        ort_artifacts: str | Path | None = None,
+        threads: int | None = None,
     ) -> None:
         try:
             validate_id(device_id, "device id")
@@ -151,6 +159,8 @@ class EdgeClient:
             raise ConfigError(str(exc)) from exc
         if codec not in CODECS:
             raise ConfigError(f"codec must be one of {CODECS}, got {codec!r}")
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if local_epochs < 1:
             raise ConfigError(f"local_epochs must be >= 1, got {local_epochs}")
         if not isinstance(local_data, LabeledData):
@@ -186,18 +196,17 @@ class EdgeClient:
         root = Path(state_dir) if state_dir is not None else Path(tempfile.gettempdir()) / "ffm-edge" / device_id
         self.outbox = Outbox(root / "outbox")
         self.plan: Plan | None = None
+        self.ort_artifacts = Path(ort_artifacts) if ort_artifacts is not None else None
+        runtimes = self._usable_runtimes(runtime)
         micro_batch_size = None
+        chosen = runtimes[0]
         if strategy == "auto" or memory_budget is not None:
-            strategy, micro_batch_size = self._plan(strategy, memory_budget, batch_size)
-        self.trainer = TorchTrainer(
-            self.spec,
-            local_data.info,
-            strategy,
-            seed=seed,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            micro_batch_size=micro_batch_size,
-        )
+            strategy, micro_batch_size, chosen = self._plan(strategy, memory_budget, batch_size, runtimes)
+        self.runtime = chosen
+        self.trainer: Trainer = self._make_trainer(
+            strategy, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
+            micro_batch_size=micro_batch_size, threads=threads,
+        )  # fmt: skip
         self._transport = transport
         self._own_transport = transport is None
         self._cond = threading.Condition()
@@ -215,18 +224,97 @@ class EdgeClient:
         self._abort = threading.Event()  # set by stop(): ends any wait of a running round
         self._heartbeat: threading.Thread | None = None
 
+    def _usable_runtimes(self, runtime: str) -> list[str]:
+        """The runtimes this client may train with, preferred first (torch, the reference, before ORT).
+
+        ``torch`` and ``ort`` are what the app forced; ``auto`` is torch when it is installed, and ORT when
+        onnxruntime-training works here and ``ort_artifacts`` names a folder of artifacts.
+        """
+        from ffm_edge.ort.compat import ort_runtime_problem
+
+        if runtime == "ort" or (runtime == "auto" and self.ort_artifacts is not None):
+            problem = ort_runtime_problem()
+            if runtime == "ort" and problem is not None:
+                raise ConfigError(f"runtime 'ort' is not usable on this device: {problem}")
+            if runtime == "ort" and self.ort_artifacts is None:
+                raise ConfigError("runtime 'ort' needs ort_artifacts: a folder built by `ffm-edge ort-build`")
+            ort_ok = problem is None
+        else:
+            ort_ok = False
+        if runtime == "ort":
+            return ["ort"]
+        torch_ok = torch_available()
+        if runtime == "torch":
+            if not torch_ok:
+                raise ConfigError("runtime 'torch' needs PyTorch, which is not installed here")
+            return ["torch"]
+        usable = ["torch"] * torch_ok + ["ort"] * ort_ok
+        if not usable:
+            raise ConfigError(
+                "no training runtime here: install torch, or onnxruntime-training (pip install 'ffm[ort]') and "
+                "pass ort_artifacts"
+            )
+        return usable
+
+    def _ort_strategy(self) -> str:
+        from ffm_edge.ort.manifest import load_manifest
+
+        assert self.ort_artifacts is not None
+        return load_manifest(self.ort_artifacts, verify=False).strategy
+
+    def _make_trainer(
+        self,
+        strategy: Strategy | str,
+        *,
+        seed: int,
+        learning_rate: float | None,
+        batch_size: int | None,
+        micro_batch_size: int | None,
+        threads: int | None,
+    ) -> Trainer:
+        if self.runtime == "ort":
+            from ffm_edge.ort.trainer import OrtTrainer
+
+            assert self.ort_artifacts is not None
+            name = strategy if isinstance(strategy, str) else strategy.name
+            return OrtTrainer(
+                self.ort_artifacts,
+                self._data.info,
+                spec=self.spec,
+                strategy=None if name == "auto" else name,
+                seed=seed,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                threads=threads,
+            )
+        from ffm_edge.trainer import TorchTrainer
+
+        return TorchTrainer(
+            self.spec,
+            self._data.info,
+            strategy,
+            seed=seed,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
+        )
+
     def _plan(
-        self, strategy: Strategy | str, budget: int | str | None, batch_size: int | None
-    ) -> tuple[Strategy | str, int | None]:
-        """Let the planner pick (``"auto"``) or check (a named strategy) what fits this device's budget."""
+        self, strategy: Strategy | str, budget: int | str | None, batch_size: int | None, runtimes: list[str]
+    ) -> tuple[Strategy | str, int | None, str]:
+        """Let the planner pick (``"auto"``) or check (a named strategy) what fits this device's budget.
+
+        Returns the strategy, the micro-batch size and the runtime (one of ``runtimes``).
+        """
         from ffm_edge.planner import plan_training, strategy_for
         from ffm_edge.profile import probe_device
 
         if self.spec.memory is None:
             if strategy == "auto":
-                log.warning("model %s has no memory model: using lora without planning", self.spec.name)
-                return "lora", None
-            return strategy, None
+                fallback = self._ort_strategy() if runtimes == ["ort"] else "lora"
+                log.warning("model %s has no memory model: using %s without planning", self.spec.name, fallback)
+                return fallback, None, runtimes[0]
+            return strategy, None, runtimes[0]
         profile = probe_device(budget)
         forced = None if strategy == "auto" else (strategy if isinstance(strategy, str) else strategy.name)
         self.plan = plan_training(
@@ -237,12 +325,18 @@ class EdgeClient:
             num_labels=self.data.info.num_labels,
             force=forced,
             available=profile.base_precisions,
+            runtimes=runtimes,
+            ort_strategies=(self._ort_strategy(),) if "ort" in runtimes else (),
         )  # raises InsufficientMemoryError before any weight is loaded
-        assert self.plan.choice is not None
+        choice = self.plan.choice
+        assert choice is not None
         log.info("%s: %s", self.device_id, self.plan.reason)
+        if choice.runtime == "ort":
+            return choice.strategy, None, "ort"
         if not isinstance(strategy, str):  # the app configured the strategy itself: keep it, size the batches
-            return strategy, self.plan.choice.micro_batch_size
-        return strategy_for(self.plan.choice)
+            return strategy, choice.micro_batch_size, "torch"
+        configured, micro = strategy_for(choice)
+        return configured, micro, "torch"
 
     # -- local data -----------------------------------------------------------------------------------
     @property

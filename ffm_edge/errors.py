@@ -18,6 +18,8 @@ __all__ = [
     "HashMismatchError",
     "MalformedError",
     "ModelSpecError",
+    "OrtArtifactError",
+    "OrtUnavailableError",
     "OversizedError",
     "ProtocolVersionError",
     "RejectedUpdateError",
@@ -36,6 +38,14 @@ class ConfigError(FFMError, ValueError):
 
 class ModelSpecError(ConfigError):
     """A model spec cannot be found, parsed or resolved to a checkpoint."""
+
+
+class OrtUnavailableError(ConfigError):
+    """The ONNX Runtime training stack is missing or unusable here (not installed, inference-only, onnx too new)."""
+
+
+class OrtArtifactError(ConfigError):
+    """ONNX training artifacts are missing, damaged, or built for another model, strategy, task or tensors."""
 
 
 class DataError(FFMError):

@@ -19,6 +19,13 @@ Parts:
 - ``load``: the peak while loading. Checkpoints are memory-mapped, so an fp32 base costs little until the
   first forward pass; a base read from the cached quantized checkpoint is partly resident; one quantized
   on the fly needs the whole fp32 model first.
+
+The ORT runtime (``runtime="ort"``, onnxruntime-training without torch) has its own, equally simple
+model, measured *above the bare interpreter* (a device on ORT never pays for torch): ORT's runtime
+(onnxruntime, the tokenizer, two sessions), the whole fp32 model (the checkpoint is read into memory at
+load, not memory-mapped), gradients plus AdamW state of the trainable tensors, and the activations of the
+torch model scaled by :data:`ORT_ACTIVATION_SCALE` (ORT's memory planner frees what the gradient graph no
+longer needs). Constants from ``benchmarks/ort_runtime.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ from dataclasses import dataclass, field
 from ffm_edge.errors import ConfigError
 from ffm_edge.spec import MemorySettings, ModelSpec
 
-__all__ = ["BYTES_PER_WEIGHT", "MemoryEstimate", "TrainingShape", "estimate_memory", "trainable_count"]
+__all__ = [
+    "BYTES_PER_WEIGHT",
+    "ORT_STRATEGIES",
+    "MemoryEstimate",
+    "TrainingShape",
+    "estimate_memory",
+    "trainable_count",
+]
 
 MiB = 1024 * 1024
 
@@ -58,6 +72,19 @@ QUANTIZED_RESIDENT_AT_LOAD = 0.5
 
 #: Floats kept per token, per hidden unit, per layer for backprop in a transformer block (calibrated).
 ACTIVATION_FLOATS_PER_HIDDEN = 34.0
+
+#: Strategies the ORT runtime trains, from artifacts with an fp32 base (full_q8 needs bitsandbytes' 8-bit
+#: AdamW, quantized bases need bitsandbytes layers: neither exists in ONNX Runtime).
+ORT_STRATEGIES = frozenset({"lora", "prompt", "head"})
+
+#: onnxruntime, the tokenizer and the training + eval sessions, above the bare interpreter (calibrated by
+#: benchmarks/ort_runtime.py: the head-only run's peak less the fp32 weights and forward temporaries;
+#: 107 MiB in the recorded run, 115 MiB in an earlier one).
+ORT_RUNTIME_OVERHEAD = 107 * MiB
+
+#: Share of the torch activation estimate ORT holds at its training peak (measured 0.63 for lora and 0.57
+#: for prompt at batch 16, sequence 64; one shape only, so treat it as a rough figure).
+ORT_ACTIVATION_SCALE = 0.6
 
 
 @dataclass(frozen=True)
@@ -138,14 +165,23 @@ def estimate_memory(
     quantized_checkpoint_cached: bool = True,
     weight_dtype: str = "fp32",
     optimizer: str | None = None,
+    runtime: str = "torch",
 ) -> MemoryEstimate:
-    """Predict the load and training peaks of ``strategy`` on ``spec`` at ``precision``."""
+    """Predict the load and training peaks of ``strategy`` on ``spec`` at ``precision``.
+
+    ``runtime="ort"``: onnxruntime-training without torch (see the module docstring); its figures are above
+    the bare interpreter, torch's above the interpreter with torch imported.
+    """
     if precision not in BYTES_PER_WEIGHT:
         raise ConfigError(f"unknown precision {precision!r}")
+    if runtime == "ort":
+        return _estimate_ort(spec, strategy, shape, precision)
+    if runtime != "torch":
+        raise ConfigError(f"runtime must be 'torch' or 'ort', got {runtime!r}")
     mem = _constants(spec)
     linear = _linear_params(mem)
     other = mem.params - linear
-    runtime = RUNTIME_OVERHEAD.get(spec.family, 200 * MiB) + (PEFT_OVERHEAD if strategy in PEFT_STRATEGIES else 0)
+    overhead = RUNTIME_OVERHEAD.get(spec.family, 200 * MiB) + (PEFT_OVERHEAD if strategy in PEFT_STRATEGIES else 0)
     if strategy == "full_q8":
         precision = weight_dtype  # every weight trains: no quantized base
     weights = int(linear * BYTES_PER_WEIGHT[precision] + other * BYTES_PER_WEIGHT.get(weight_dtype, 4.0))
@@ -174,20 +210,60 @@ def estimate_memory(
     # Safetensors checkpoints are memory-mapped: an fp32 base is paged in by the first forward pass (the
     # training phase), not at load. Quantizing on the fly needs the whole fp32 model resident first.
     if precision in ("fp32", "bf16") or strategy == "full_q8":
-        load = runtime
+        load = overhead
     else:
         stored = linear * STORED_BYTES_PER_WEIGHT[precision]  # the quantized Linear layers as stored
         if quantized_checkpoint_cached:
-            load = runtime + int(QUANTIZED_RESIDENT_AT_LOAD * stored)
+            load = overhead + int(QUANTIZED_RESIDENT_AT_LOAD * stored)
         else:
-            load = runtime + int(mem.params * 4.0 + stored)
-    train = runtime + weights + trainable_bytes + activations
+            load = overhead + int(mem.params * 4.0 + stored)
+    train = overhead + weights + trainable_bytes + activations
     return MemoryEstimate(
         strategy=strategy,
         precision=precision,
         shape=shape,
         trainable_params=trainable,
-        parts={"runtime": runtime, "weights": weights, "trainable": trainable_bytes, "activations": activations},
+        parts={"runtime": overhead, "weights": weights, "trainable": trainable_bytes, "activations": activations},
+        load_bytes=int(load),
+        train_bytes=int(train),
+    )
+
+
+def _activations_no_checkpointing(mem: MemorySettings, shape: TrainingShape) -> float:
+    """The torch model's activation bytes for a whole batch without checkpointing (see estimate_memory)."""
+    tokens = shape.batch_size * shape.seq_len
+    per_layer = tokens * mem.hidden_size * ACTIVATION_FLOATS_PER_HIDDEN * mem.activation_factor * 4.0
+    attention = shape.batch_size * max(1, mem.hidden_size // 64) * shape.seq_len**2 * 4.0 * 2
+    return mem.num_layers * (per_layer + attention)
+
+
+def _estimate_ort(spec: ModelSpec, strategy: str, shape: TrainingShape, precision: str) -> MemoryEstimate:
+    if strategy not in ORT_STRATEGIES:
+        raise ConfigError(f"the ORT runtime trains {sorted(ORT_STRATEGIES)}, not {strategy!r}")
+    if precision != "fp32":
+        raise ConfigError(f"the ORT runtime trains on an fp32 base, not {precision}")
+    mem = _constants(spec)
+    trainable = trainable_count(spec, strategy, num_labels=shape.num_labels)
+    weights = int(mem.params * 4.0)
+    trainable_bytes = int(trainable * (4.0 + 8.0))  # gradient + AdamW moments
+    tokens = shape.batch_size * shape.seq_len
+    if strategy == "head":
+        activations = int(tokens * mem.hidden_size * 4.0 * 4)  # forward temporaries only
+    else:
+        activations = int(_activations_no_checkpointing(mem, shape) * ORT_ACTIVATION_SCALE)
+    load = ORT_RUNTIME_OVERHEAD + weights
+    train = load + trainable_bytes + activations
+    return MemoryEstimate(
+        strategy=strategy,
+        precision=precision,
+        shape=shape,
+        trainable_params=trainable,
+        parts={
+            "runtime": ORT_RUNTIME_OVERHEAD,
+            "weights": weights,
+            "trainable": trainable_bytes,
+            "activations": activations,
+        },
         load_bytes=int(load),
         train_bytes=int(train),
     )

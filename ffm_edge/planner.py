@@ -7,6 +7,11 @@ strategy and precision, the cheap levers come first — gradient checkpointing, 
 — because activations, not weights, dominate training memory on small batches (``../shared/MODELS.md``).
 The first candidate whose predicted peak fits the budget wins. An app may force a strategy; when it
 cannot fit, :class:`InsufficientMemoryError` says so before any weight is loaded.
+
+Two runtimes: PyTorch (every strategy, precision and lever) and onnxruntime-training (``ort``: lora, prompt
+and head on an fp32 base, from prebuilt artifacts, without torch). Within one strategy the torch
+configurations come first, the reference runtime, and ORT's next: a device that cannot hold a strategy
+on torch may still hold it on ORT before the planner gives up capability.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ffm_edge.errors import ConfigError
-from ffm_edge.memory import MemoryEstimate, TrainingShape, estimate_memory, micro_batch_options
+from ffm_edge.memory import ORT_STRATEGIES, MemoryEstimate, TrainingShape, estimate_memory, micro_batch_options
 from ffm_edge.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -33,18 +38,30 @@ __all__ = [
 ]
 
 
-def capability_order() -> tuple[tuple[str, str], ...]:
+def capability_order(*, registry: bool = True) -> tuple[tuple[str, str], ...]:
     """(strategy, base precision) from the most to the least capable.
 
     Strategies by their ``capability_rank``; within one, the fp32 base before the 8-bit and the 4-bit
     one (quantization costs accuracy and, on CPU, speed). Full fine-tuning has no quantized base.
+    ``registry=False`` uses the built-in order instead of the strategy registry, which imports torch (for
+    a plan over the ORT runtime alone).
     """
-    from ffm_edge.strategies import strategies_by_capability
-
     order: list[tuple[str, str]] = []
-    for name in strategies_by_capability():
+    for name in _strategy_names() if registry else _STATIC_ORDER:
         order += [(name, "fp32")] if name == "full_q8" else [(name, p) for p in ("fp32", "int8", "nf4")]
     return tuple(order)
+
+
+_STATIC_ORDER = ("full_q8", "lora", "prompt", "head")  # the registry's order, for devices without torch
+
+
+def _strategy_names() -> list[str]:
+    """Strategy names by capability: from the registry when torch is here, else the built-in order."""
+    try:
+        from ffm_edge.strategies import strategies_by_capability
+    except ImportError:  # a torch-less device (ORT runtime): the registry imports torch
+        return list(_STATIC_ORDER)
+    return strategies_by_capability()
 
 
 class InsufficientMemoryError(ConfigError):
@@ -62,12 +79,13 @@ class Candidate:
     estimate: MemoryEstimate
     fits: bool
     required_bytes: int = 0  # the predicted peak plus the planner's safety margin
+    runtime: str = "torch"  # "torch" or "ort" (onnxruntime-training)
 
     @property
     def label(self) -> str:
-        """A short human name, e.g. ``lora/nf4 +ckpt mb=4``."""
+        """A short human name, e.g. ``lora/nf4 +ckpt mb=4`` (``lora/fp32 ort mb=16`` on ORT)."""
         extra = (" +ckpt" if self.gradient_checkpointing else "") + f" mb={self.micro_batch_size}"
-        return f"{self.strategy}/{self.precision}{extra}"
+        return f"{self.strategy}/{self.precision}{' ort' if self.runtime == 'ort' else ''}{extra}"
 
 
 @dataclass(frozen=True)
@@ -81,17 +99,35 @@ class Plan:
 
 
 def _candidates(
-    spec: ModelSpec, batch_size: int, seq_len: int, num_labels: int, allowed: Sequence[tuple[str, str]]
-) -> Iterator[tuple[str, str, bool, int, MemoryEstimate]]:
+    spec: ModelSpec,
+    batch_size: int,
+    seq_len: int,
+    num_labels: int,
+    allowed: Sequence[tuple[str, str]],
+    runtimes: Sequence[str],
+    ort_strategies: Sequence[str] | None,
+) -> Iterator[tuple[str, str, bool, int, MemoryEstimate, str]]:
     for strategy, precision in allowed:
         if precision not in spec.precisions:
             continue
-        levers = [(False, batch_size)] + [(True, mb) for mb in micro_batch_options(batch_size)]
-        if strategy == "head":  # no graph through the backbone: nothing to checkpoint, only micro-batches
-            levers = [(False, mb) for mb in micro_batch_options(batch_size)]
-        for checkpointing, micro in levers:
-            shape = TrainingShape(batch_size, seq_len, micro, checkpointing, num_labels)
-            yield strategy, precision, checkpointing, micro, estimate_memory(spec, strategy, shape, precision=precision)
+        if "torch" in runtimes:
+            levers = [(False, batch_size)] + [(True, mb) for mb in micro_batch_options(batch_size)]
+            if strategy == "head":  # no graph through the backbone: nothing to checkpoint, only micro-batches
+                levers = [(False, mb) for mb in micro_batch_options(batch_size)]
+            for checkpointing, micro in levers:
+                shape = TrainingShape(batch_size, seq_len, micro, checkpointing, num_labels)
+                est = estimate_memory(spec, strategy, shape, precision=precision)
+                yield strategy, precision, checkpointing, micro, est, "torch"
+        if (
+            "ort" in runtimes
+            and precision == "fp32"
+            and strategy in ORT_STRATEGIES
+            and spec.modality == "text"
+            and (ort_strategies is None or strategy in ort_strategies)
+        ):  # whole batches, no checkpointing: the artifacts fix the graph
+            shape = TrainingShape(batch_size, seq_len, batch_size, False, num_labels)
+            est = estimate_memory(spec, strategy, shape, precision=precision, runtime="ort")
+            yield strategy, precision, False, batch_size, est, "ort"
 
 
 def plan_training(
@@ -105,26 +141,35 @@ def plan_training(
     force: str | None = None,
     available: Sequence[str] = ("fp32", "int8", "nf4"),
     safety_margin: float = 0.10,
+    runtimes: Sequence[str] = ("torch",),
+    ort_strategies: Sequence[str] | None = None,
 ) -> Plan:
     """Choose a strategy and its levers for ``budget_bytes``; ``available`` lists precisions this device runs.
+
+    ``runtimes`` lists the runtimes this device can train with (``torch``, ``ort``); ``ort_strategies``
+    the strategies it has ORT artifacts for (``None``: any the ORT runtime trains).
 
     A configuration fits when its predicted peak plus ``safety_margin`` (a fraction; the memory model's
     error on the benchmarked configurations is mostly within ±15 %) is within the budget.
     """
     if not 0 <= safety_margin < 1:
         raise ConfigError(f"safety_margin must be in [0, 1), got {safety_margin}")
+    unknown = sorted(set(runtimes) - {"torch", "ort"})
+    if unknown or not runtimes:
+        raise ConfigError(f"runtimes must name torch and/or ort, got {list(runtimes)}")
     allowed = [
         (s, p)
-        for s, p in capability_order()
+        for s, p in capability_order(registry="torch" in runtimes)
         if (force is None or s == force) and (strategies is None or s in strategies) and p in available
     ]
     if force is not None and not allowed:
         raise ConfigError(f"cannot force {force!r}: unknown strategy or no usable precision on this device")
     considered: list[Candidate] = []
     choice: Candidate | None = None
-    for strategy, precision, ckpt, micro, est in _candidates(spec, batch_size, seq_len, num_labels, allowed):
+    candidates = _candidates(spec, batch_size, seq_len, num_labels, allowed, runtimes, ort_strategies)
+    for strategy, precision, ckpt, micro, est, runtime in candidates:
         required = int(est.peak_bytes * (1 + safety_margin))
-        candidate = Candidate(strategy, precision, ckpt, micro, est, required <= budget_bytes, required)
+        candidate = Candidate(strategy, precision, ckpt, micro, est, required <= budget_bytes, required, runtime)
         considered.append(candidate)
         if candidate.fits and choice is None:
             choice = candidate
@@ -149,23 +194,27 @@ def plan_training(
 
 def format_plan(plan: Plan) -> str:
     """A table of the first configuration per strategy/precision and the choice, for ``ffm-edge plan``."""
-    seen: dict[tuple[str, str], Candidate] = {}
+    seen: dict[tuple[str, str, str], Candidate] = {}
     for c in plan.candidates:
-        key = (c.strategy, c.precision)
+        key = (c.strategy, c.precision, c.runtime)
         if key not in seen or (c.fits and not seen[key].fits):
             seen[key] = c
+    with_runtime = any(c.runtime != "torch" for c in plan.candidates)
     lines = [
         f"budget {plan.budget_bytes / 2**20:.0f} MiB",
-        "| strategy | base | levers | trainable | load MiB | train MiB | fits |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| strategy | base |"
+        + (" runtime |" if with_runtime else "")
+        + " levers | trainable | load MiB | train MiB | fits |",
+        "|---|---|" + ("---|" if with_runtime else "") + "---|---:|---:|---:|---|",
     ]
     for c in seen.values():
         levers = ("checkpointing, " if c.gradient_checkpointing else "") + f"micro-batch {c.micro_batch_size}"
         mark = "yes" if c.fits else "no"
         if plan.choice is not None and c is plan.choice:
             mark = "**chosen**"
+        runtime = f" {c.runtime} |" if with_runtime else ""
         lines.append(
-            f"| {c.strategy} | {c.precision} | {levers} | {c.estimate.trainable_params:,} | "
+            f"| {c.strategy} | {c.precision} |{runtime} {levers} | {c.estimate.trainable_params:,} | "
             f"{c.estimate.load_bytes / 2**20:.0f} | {c.estimate.train_bytes / 2**20:.0f} | {mark} |"
         )
     lines.append(plan.reason)

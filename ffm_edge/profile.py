@@ -67,7 +67,7 @@ CHECK_TIMEOUT_S = 180.0
 """Seconds the capability checks may take (importing torch on a slow device is most of it);
 ``$FFM_PROBE_TIMEOUT`` overrides it."""
 
-_CACHE_SCHEMA = 1  # bump when the checks or the cached fields change meaning
+_CACHE_SCHEMA = 2  # bump when the checks or the cached fields change meaning
 _CACHE_MAX_ENTRIES = 8  # one per interpreter/package set that shares the cache folder
 _RESULT_MARKER = "FFM-CHECK-RESULT "  # the child's JSON line, told apart from library chatter
 _MAX_ERROR_CHARS = 240
@@ -121,6 +121,11 @@ class DeviceProfile:
     platform: str
     ram_source: str
     capabilities_source: str
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """Training runtimes usable here: ``torch`` when installed, ``ort`` when onnxruntime-training works."""
+        return ("torch",) * (self.torch_version is not None) + ("ort",) * self.onnxruntime_training.available
 
     @property
     def base_precisions(self) -> tuple[str, ...]:
@@ -466,10 +471,12 @@ _ORT_TRAINING_CLASSES = ("Module", "Optimizer", "CheckpointState")
 
 
 def _child_check_onnxruntime_training() -> dict[str, Any]:
-    """Find onnxruntime's on-device training classes without importing torch. Runs in the child.
+    """Load onnxruntime's on-device training API the way the ORT runtime does, with torch blocked. Runs in the child.
 
     ``onnxruntime.training`` imports torch, which would cost seconds and gigabytes on a device that
-    trains with onnxruntime instead; so torch is blocked and only the native bindings are inspected.
+    trains with onnxruntime instead; so torch is blocked, and the API is loaded as
+    :func:`ffm_edge.ort.compat.load_training_api` loads it (the wrappers, without the package
+    ``__init__``). The tokenizer library the runtime needs is checked too.
     """
     sys.modules["torch"] = None  # type: ignore[assignment]  # any import of torch now fails at once
     version = _dist_version("onnxruntime-training-cpu", "onnxruntime-training")
@@ -490,9 +497,19 @@ def _child_check_onnxruntime_training() -> dict[str, Any]:
             "(no training Module); install onnxruntime-training-cpu"
         )
         return result
+    try:
+        from ffm_edge.ort.compat import load_training_api
+
+        load_training_api()
+    except Exception as exc:
+        result["detail"] = f"loading the training API without torch failed: {_short_error(exc)}"
+        return result
+    if importlib.util.find_spec("tokenizers") is None:
+        result["detail"] = "the tokenizers package (needed to tokenize text without torch) is not installed"
+        return result
     result["available"] = True
     result["version"] = version or _dist_version("onnxruntime", "onnxruntime-gpu")
-    result["detail"] = "training bindings found" + (f" (missing: {', '.join(missing)})" if missing else "")
+    result["detail"] = "training API loads without torch" + (f" (missing: {', '.join(missing)})" if missing else "")
     return result
 
 
@@ -796,6 +813,7 @@ def format_profile(profile: DeviceProfile) -> str:
         f"  accelerator    {acc_text}",
         f"  bitsandbytes   {bnb_text}",
         f"  ORT training   {ort_text}",
+        f"  runtimes       {', '.join(profile.runtimes) or 'none (install torch, or ffm[ort])'}",
         f"  software       Python {profile.python_version}, torch {profile.torch_version or 'not installed'}",
         f"  platform       {profile.platform}",
         f"  capabilities   {profile.capabilities_source}",

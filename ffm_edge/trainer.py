@@ -13,7 +13,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from ffm_edge.data import LabeledData, TaskInfo
 from ffm_edge.errors import ConfigError
 from ffm_edge.metrics import compute_metrics
 from ffm_edge.modeling import BaseModel, load_base_model
+from ffm_edge.runtime import ProgressCallback, TrainReport
 from ffm_edge.spec import ModelSpec
 from ffm_edge.strategies import Strategy, get_strategy
 from ffm_edge.strategies.lora import is_kbit_model
@@ -31,9 +31,6 @@ from ffm_edge.strategies.lora import is_kbit_model
 __all__ = ["ProgressCallback", "TorchTrainer", "TrainReport", "canonical_tensor_name", "enable_gradient_checkpointing"]
 
 log = logging.getLogger("ffm.trainer")
-
-ProgressCallback = Callable[[int, int, float], None]
-"""Called after each optimizer step with (step, total_steps, loss)."""
 
 
 _PROMPT_EMBEDDING = re.compile(r"^prompt_encoder\.[^.]+\.embedding\.weight$")
@@ -82,19 +79,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
         return False
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return True
-
-
-@dataclass(frozen=True)
-class TrainReport:
-    """What one call of :meth:`TorchTrainer.train` did."""
-
-    num_samples: int
-    steps: int
-    epochs: int
-    mean_loss: float
-    first_loss: float
-    last_loss: float
-    seconds: float
 
 
 class TorchTrainer:

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--client-budgets", default="",
                       help="comma-separated memory budget per client, cycled (e.g. 2GB,500MB): with auto the "
                       "planner picks what fits")  # fmt: skip
+    demo.add_argument("--ort-clients", type=int, default=0,
+                      help="the last N clients train on onnxruntime-training without torch (artifacts are built "
+                      "first with `ffm-edge ort-build`; needs the ort extra)")  # fmt: skip
     demo.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"), help="update encoding")
     demo.add_argument("--eval-limit", type=int, default=500, help="held-out examples evaluated per version")
     demo.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"), help="broker")
@@ -283,6 +286,7 @@ def _demo(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             client_strategies=tuple(x for x in args.client_strategies.split(",") if x),
             client_budgets=tuple(x for x in args.client_budgets.split(",") if x),
+            ort_clients=args.ort_clients,
         )
     )
     return 0

@@ -2,6 +2,7 @@
 # Set up FFM in a virtual environment: torch (CPU wheel, pinned) first, then the project.
 #   scripts/setup.sh            runtime only
 #   scripts/setup.sh dev        with the test and lint tools
+#   scripts/setup.sh dev,ort    also onnxruntime-training (the torch-free edge runtime; what scripts/test.sh uses)
 # FFM_VENV picks the environment (default .venv); FFM_TORCH overrides the torch requirement.
 set -euo pipefail
 cd "$(dirname "$0")/.."

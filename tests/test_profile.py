@@ -8,6 +8,7 @@ into the user's ``~/.cache``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -176,10 +177,16 @@ def test_bitsandbytes_check_reports_booleans_and_detail(probed: tuple[DeviceProf
             assert (f"{feature} ok" in bnb.detail) == getattr(bnb, feature)
 
 
-def test_onnxruntime_training_is_unavailable_here_with_a_reason(probed: tuple[DeviceProfile, Path]) -> None:
+def test_onnxruntime_training_check_matches_what_is_installed(probed: tuple[DeviceProfile, Path]) -> None:
     ort = probed[0].onnxruntime_training
-    assert ort.available is False
-    assert "onnxruntime-training" in ort.detail and "not installed" in ort.detail
+    if importlib.util.find_spec("onnxruntime") is None:
+        assert ort.available is False
+        assert "onnxruntime-training" in ort.detail and "not installed" in ort.detail
+        assert "ort" not in probed[0].runtimes
+    else:  # the ort extra (CI installs it): the real API loads with torch blocked
+        assert ort.available is True, ort.detail
+        assert "without torch" in ort.detail
+        assert "ort" in probed[0].runtimes
 
 
 def test_profile_is_json_serialisable_and_formats(probed: tuple[DeviceProfile, Path]) -> None:
@@ -283,6 +290,16 @@ def _fake_onnxruntime(root: Path, pybind_source: str) -> dict[str, str]:
     (root / "onnxruntime" / "__init__.py").write_text("")
     (capi / "__init__.py").write_text("")
     (capi / "_pybind_state.py").write_text(pybind_source)
+    (capi / "onnxruntime_inference_collection.py").write_text("class OrtValue: ...\n")
+    (capi / "onnxruntime_pybind11_state.py").write_text("class SessionOptions: ...\n")
+    api = root / "onnxruntime" / "training" / "api"
+    api.mkdir(parents=True)
+    (api.parent / "__init__.py").write_text("import torch\n")  # like the real one: must not be executed
+    (api / "checkpoint_state.py").write_text("class CheckpointState: ...\n")
+    (api / "module.py").write_text(
+        "from onnxruntime.training.api.checkpoint_state import CheckpointState\nclass Module: ...\n"
+    )
+    (api / "optimizer.py").write_text("class Optimizer: ...\n")
     return {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -352,7 +369,7 @@ def test_module_prints_json(probed: tuple[DeviceProfile, Path]) -> None:
     data = json.loads(out.stdout)
     assert data["budget_bytes"] == 3 * GIB // 2
     assert data["capabilities_source"].startswith("cached on disk")  # no second check in the child
-    assert data["onnxruntime_training"]["available"] is False
+    assert data["onnxruntime_training"]["available"] is (importlib.util.find_spec("onnxruntime") is not None)
 
 
 def test_module_rejects_a_bad_budget_and_has_help() -> None:
