@@ -559,6 +559,7 @@ def plot_rounds(grid: Grid, path: Path, k: int | None = None) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     exp = grid.experiment
@@ -589,6 +590,7 @@ def plot_rounds(grid: Grid, path: Path, k: int | None = None) -> bool:
                     xs, [min(v) * 100 for v in ys], [max(v) * 100 for v in ys], color=_COLORS[method], alpha=0.15
                 )
         ax.set_title(f"{TASK_LABELS.get(get_task(t).name, t)} ({k}-shot)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round (centralized: chunk of its epochs)")
         ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} % (curve subset)")
         ax.grid(alpha=0.3)
