@@ -30,6 +30,10 @@ examples:
   # train without torch: build ONNX Runtime artifacts once (where torch is), then run on ORT
   ffm-edge ort-build --model minilm-l6-v2 --strategy lora --task sst2 --out ort-lora
   ffm-edge run --runtime ort --ort-artifacts ort-lora --task sst2 --shard 0/3
+
+  # ... or let a hub started with `ffm-hub serve --ort-artifacts` build and send them
+  ffm-edge run --runtime ort --task sst2 --shard 0/3          # fetched into the state dir first
+  ffm-edge ort-fetch --broker mqtt://hub:1883 --strategy lora --task sst2 --out ort-lora
 """
 
 
@@ -107,10 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         default="auto",
         choices=("auto", "torch", "ort"),
-        help="training runtime: torch, ort (onnxruntime-training, no torch; needs --ort-artifacts), or auto "
-        "(torch when installed; the planner may choose ORT with --budget)",
+        help="training runtime: torch, ort (onnxruntime-training, no torch), or auto (torch when installed; the "
+        "planner may choose ORT with --budget and --ort-artifacts)",
     )
-    run.add_argument("--ort-artifacts", default=None, help="folder of ORT training artifacts (ffm-edge ort-build)")
+    run.add_argument(
+        "--ort-artifacts",
+        default=None,
+        help="folder of ORT training artifacts (ffm-edge ort-build); with --runtime ort, a missing or empty folder "
+        "is first fetched from the hub, and without this flag they are fetched into the state dir",
+    )
+    run.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=60.0,
+        help="--runtime ort: ask the hub again for artifacts after this many seconds without progress",
+    )
     run.add_argument("--seed", type=int, default=0, help="training seed")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     run.add_argument(
@@ -196,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the fresh trainable values (without --global-frame)"
     )
     build.add_argument("--max-length", type=int, default=None, help="override the spec's max_length (tokens)")
+    fetch = sub.add_parser(
+        "ort-fetch",
+        help="fetch ONNX Runtime training artifacts from a hub (started with `ffm-hub serve --ort-artifacts`)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Ask the hub for training artifacts of a model, task and strategy; the hub builds them from its "
+        "current global version (the first time) and sends them as one chunked, hashed transfer. Every file is "
+        "checked against the sha256 in the manifest before OUT is replaced. Needs no torch.",
+    )
+    fetch.add_argument("--broker", default=None, help="mqtt://host:port; without it the hub is found with zeroconf")
+    fetch.add_argument("--federation", default="default", help="federation name (must match the hub's)")
+    fetch.add_argument("--device-id", default="edge-0", help="this device's id (its downlink carries the transfer)")
+    fetch.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
+    fetch.add_argument("--strategy", default="lora", choices=("lora", "prompt", "head"), help="what trains")
+    fetch.add_argument("--task", default="sst2", help="task (must be the hub's)")
+    fetch.add_argument("--out", required=True, help="folder to write the artifacts to (replaced)")
+    fetch.add_argument("--timeout", type=float, default=60.0, help="ask again after this many seconds without progress")
     return parser
 
 
@@ -219,6 +250,65 @@ def _ort_build(args: argparse.Namespace) -> int:
         f"global version {manifest.global_version if manifest.global_version is not None else '-'}"
     )
     return 0
+
+
+def _ort_fetch(args: argparse.Namespace) -> int:
+    import time
+
+    from ffm_edge.ort.fetch import fetch_artifacts_from_hub
+    from ffm_edge.spec import load_model_spec
+
+    started = time.perf_counter()
+    manifest = fetch_artifacts_from_hub(
+        args.broker, args.out, federation=args.federation, device_id=args.device_id,
+        model=load_model_spec(args.model).name, task=args.task, strategy=args.strategy, idle_timeout=args.timeout,
+    )  # fmt: skip
+    print(
+        f"fetched ORT artifacts for {manifest.spec}/{manifest.strategy}/{manifest.task} (global version "
+        f"{manifest.global_version}) into {args.out} in {time.perf_counter() - started:.1f}s; every file verified"
+    )
+    return 0
+
+
+def _artifacts_for_run(args: argparse.Namespace, device_id: str) -> str:
+    """The artifact folder ``run --runtime ort`` trains from, fetched from the hub when there is none yet.
+
+    Without ``--ort-artifacts`` the folder is ``<state dir>/ort-artifacts/<strategy>``, reused while it
+    verifies and is for this model, task and strategy.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from ffm_edge.errors import ConfigError, OrtArtifactError
+    from ffm_edge.ort.fetch import fetch_artifacts_from_hub, has_artifacts
+    from ffm_edge.ort.manifest import load_manifest
+    from ffm_edge.spec import load_model_spec
+
+    if args.ort_artifacts is not None and has_artifacts(args.ort_artifacts):
+        return str(args.ort_artifacts)
+    if args.strategy not in ("lora", "prompt", "head"):
+        raise ConfigError(f"fetching ORT artifacts needs --strategy lora, prompt or head, not {args.strategy!r}")
+    model = load_model_spec(args.model).name
+    if args.ort_artifacts is not None:
+        folder = Path(args.ort_artifacts)
+    else:
+        root = Path(args.state_dir) if args.state_dir else Path(tempfile.gettempdir()) / "ffm-edge" / device_id
+        folder = root / "ort-artifacts" / args.strategy
+        if has_artifacts(folder):
+            try:
+                manifest = load_manifest(folder, verify=True)
+                manifest.check(spec=model, strategy=args.strategy)
+                if manifest.task == args.task:
+                    log.info("%s: using the ORT artifacts fetched earlier into %s", device_id, folder)
+                    return str(folder)
+            except OrtArtifactError as exc:
+                log.warning("%s: fetching ORT artifacts again: %s", device_id, exc)
+    log.info("%s: fetching %s/%s ORT artifacts from the hub into %s", device_id, model, args.strategy, folder)
+    fetch_artifacts_from_hub(
+        args.broker, folder, federation=args.federation, device_id=device_id, model=model, task=args.task,
+        strategy=args.strategy, idle_timeout=args.fetch_timeout,
+    )  # fmt: skip
+    return str(folder)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -286,6 +376,8 @@ def _run(args: argparse.Namespace) -> int:
             device_id, len(local), shard_size, args.stream_per_round,
         )  # fmt: skip
 
+    ort_artifacts = _artifacts_for_run(args, device_id) if args.runtime == "ort" else args.ort_artifacts
+
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -330,7 +422,7 @@ def _run(args: argparse.Namespace) -> int:
         data_stream=stream,
         max_local_examples=args.max_local_examples,
         runtime=args.runtime,
-        ort_artifacts=args.ort_artifacts,
+        ort_artifacts=ort_artifacts,
         threads=args.threads,
     )
     log.info("%s trains %s on the %s runtime", device_id, client.trainer.strategy.name, client.runtime)
@@ -361,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plan(args)
         if args.command == "ort-build":
             return _ort_build(args)
+        if args.command == "ort-fetch":
+            return _ort_fetch(args)
     except FFMError as exc:
         log.error("%s", exc)
         return 2

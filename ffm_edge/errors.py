@@ -8,6 +8,7 @@ with ``raise ... from exc`` at the boundary where they happen.
 from __future__ import annotations
 
 __all__ = [
+    "ArtifactRejectedError",
     "BrokerError",
     "ChunkError",
     "ConfigError",
@@ -46,6 +47,15 @@ class OrtUnavailableError(ConfigError):
 
 class OrtArtifactError(ConfigError):
     """ONNX training artifacts are missing, damaged, or built for another model, strategy, task or tensors."""
+
+
+class ArtifactRejectedError(OrtArtifactError):
+    """The hub refused to serve training artifacts; ``reason`` is its machine-readable reason code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"the hub cannot serve ORT artifacts: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+        self.detail = detail
 
 
 class DataError(FFMError):

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-advertise", action="store_true", help="do not advertise the hub with zeroconf")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     serve.add_argument("--seed", type=int, default=0, help="seed of the initial global version")
+    serve.add_argument("--ort-artifacts", action="store_true",
+                       help="serve ONNX Runtime training artifacts to devices that ask (built on the first request "
+                       "per strategy from the current global version, cached in STATE_DIR/ort-artifacts; needs "
+                       "the ort extra)")  # fmt: skip
 
     sub.add_parser("example-config", help="print a commented hub.toml with every setting and its default")
 
@@ -143,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated memory budget per client, cycled (e.g. 2GB,500MB): with auto the "
                       "planner picks what fits")  # fmt: skip
     demo.add_argument("--ort-clients", type=int, default=0,
-                      help="the last N clients train on onnxruntime-training without torch (artifacts are built "
-                      "first with `ffm-edge ort-build`; needs the ort extra)")  # fmt: skip
+                      help="the last N clients train on onnxruntime-training without torch (the hub runs with "
+                      "--ort-artifacts and sends them the artifacts it builds; needs the ort extra)")  # fmt: skip
     demo.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"), help="update encoding")
     demo.add_argument("--eval-limit", type=int, default=500, help="held-out examples evaluated per version")
     demo.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"), help="broker")
@@ -174,6 +178,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         config = load_hub_config(args.config)
         opts = config.options
+        if args.ort_artifacts:
+            opts.ort_artifacts = True
         metrics_port = metrics_port if metrics_port is not None else config.metrics_port
         metrics_bind = config.metrics_bind if args.metrics_bind == "127.0.0.1" else args.metrics_bind
         threads = threads or config.threads
@@ -208,6 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             seed=args.seed,
             advertise=not args.no_advertise,
+            ort_artifacts=args.ort_artifacts,
         )
     if threads:
         import torch

@@ -210,6 +210,10 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("switching", "validation_limit", "validation_limit", "int", _D.validation_limit,
                 "public examples held out (after the public_limit training ones) for the policy's decisions; "
                 "0 = decide on the evaluation data", check=_at_least(0)),
+    ConfigField("ort", "serve_artifacts", "ort_artifacts", "bool", _D.ort_artifacts,
+                "serve ONNX Runtime training artifacts to devices that ask (devices without torch): built on "
+                "the first request per strategy, in the background, from the current global version, and "
+                "cached under state_dir/ort-artifacts; needs the ort extra"),
     ConfigField("broker", "url", "broker", "str", _D.broker,
                 "mqtt://HOST:PORT of an existing broker; leave out to run a managed broker (below)",
                 example="mqtt://broker.local:1883", check=_broker_url),
@@ -245,6 +249,7 @@ _TABLE_HELP = {
     "federation": "Which federation this hub serves, and what it trains.",
     "aggregation": "When and how updates become a new global version.",
     "switching": "Central optimization on the hub's public data between federated rounds (the paper's FFM).",
+    "ort": "Training artifacts for devices on the ONNX Runtime (no torch).",
     "broker": "The MQTT broker: an existing one (url), or one the hub runs itself.",
     "evaluation": "Held-out evaluation of each global version (its accuracy etc.).",
     "storage": "Durable state.",

@@ -53,7 +53,7 @@ class DemoOptions:
     progress: bool = True
     client_strategies: tuple[str, ...] = ()  # per client, cycled; "auto" lets the planner pick
     client_budgets: tuple[str, ...] = ()  # per client, cycled, e.g. ("2GB", "600MB")
-    ort_clients: int = 0  # the last N clients train on onnxruntime-training (no torch) from built artifacts
+    ort_clients: int = 0  # the last N clients train on onnxruntime-training (no torch), artifacts from the hub
 
 
 @dataclass(frozen=True)
@@ -123,27 +123,13 @@ def _assign_strategies(opts: DemoOptions, model: str) -> list[tuple[str, str | N
     return out
 
 
-def _build_ort_artifacts(
-    model: str, task: str, strategies: list[str], workdir: Path, env: dict[str, str]
-) -> dict[str, Path]:
-    """Build ORT training artifacts once per strategy the ORT clients train (``ffm-edge ort-build``)."""
-    from ffm_edge.ort.artifacts import ORT_STRATEGIES
+def _check_ort_strategies(strategies: list[str]) -> None:
+    """The ORT clients fetch their artifacts from the hub; fail before starting anything if it cannot build them."""
+    from ffm_edge.memory import ORT_STRATEGIES
 
-    folders: dict[str, Path] = {}
     for strategy in dict.fromkeys(strategies):
         if strategy not in ORT_STRATEGIES:
             raise FFMError(f"an ORT client cannot train {strategy!r}; the ORT runtime trains {sorted(ORT_STRATEGIES)}")
-        folder = workdir / f"ort-{strategy}"
-        log_path = workdir / f"ort-build-{strategy}.log"
-        print(f"building ORT artifacts for {model}/{strategy} in {folder}", flush=True)
-        cmd = [sys.executable, "-m", "ffm_edge.cli", "ort-build", "--model", model, "--strategy", strategy,
-               "--task", task, "--out", str(folder)]  # fmt: skip
-        with open(log_path, "wb") as handle:
-            code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=900).returncode
-        if code != 0:
-            raise FFMError(f"building ORT artifacts for {strategy} failed; see {log_path}")
-        folders[strategy] = folder
-    return folders
 
 
 def _free_port() -> int:
@@ -227,15 +213,15 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
     if len(assignments) > 1 or primary != "lora":
         for i, (asked, budget, chosen) in enumerate(assignments):
             print(f"edge-{i}: strategy {asked}{f' with budget {budget}' if budget else ''} -> {chosen}", flush=True)
-    ort_folders = _build_ort_artifacts(model, task, [assignments[i][2] for i in sorted(on_ort)], workdir, env)
+    _check_ort_strategies([assignments[i][2] for i in sorted(on_ort)])
     for i in sorted(on_ort):
-        print(f"edge-{i}: runtime ort (onnxruntime-training, no torch)", flush=True)
+        print(f"edge-{i}: runtime ort (onnxruntime-training, no torch; artifacts fetched from the hub)", flush=True)
     hub_cmd = [
         py, "-m", "ffm_hub.cli", "serve", "--federation", opts.federation, "--model", model, "--task", task,
         "--tau", str(opts.clients), "--state-dir", str(workdir / "hub"), "--broker-kind", opts.broker_kind,
         "--broker-port", str(port), "--eval-limit", str(opts.eval_limit), "--threads", "1",
         "--strategy", primary, "--also-strategies", ",".join(others),
-    ]  # fmt: skip
+    ] + (["--ort-artifacts"] if on_ort else [])  # fmt: skip
     print(f"logs:  {workdir}", flush=True)
 
     def interrupted(signum: int, _frame: object) -> None:
@@ -280,9 +266,9 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
                 "--strategy", assignments[i][0],
             ]  # fmt: skip
             budget = assignments[i][1]
-            if i in on_ort:  # a named strategy, the one its artifacts hold
+            if i in on_ort:  # a named strategy: the hub builds and sends its artifacts on the first request
                 edge_cmd[edge_cmd.index("--strategy") + 1] = assignments[i][2]
-                edge_cmd += ["--runtime", "ort", "--ort-artifacts", str(ort_folders[assignments[i][2]])]
+                edge_cmd += ["--runtime", "ort"]
             elif budget:
                 edge_cmd += ["--budget", budget]
             edges.append(_spawn(edge_cmd, workdir / f"edge-{i}.log", env))

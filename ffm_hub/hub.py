@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,8 @@ from ffm_edge.transport import Transport
 from ffm_edge.wire import (
     DEFAULT_LIMITS,
     MAX_DETAIL_CHARS,
+    ArtifactError,
+    ArtifactRequest,
     ChunkAssembler,
     GlobalMeta,
     Hello,
@@ -63,6 +66,9 @@ from ffm_hub.aggregate import (
 from ffm_hub.faults import crash_point
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
 from ffm_hub.switching import ACTIONS, Decision, SwitchingPolicy
+
+if TYPE_CHECKING:
+    from ffm_hub.artifacts import ArtifactService
 
 __all__ = ["Hub", "HubSettings"]
 
@@ -162,10 +168,13 @@ class Hub:
         central_step: Callable[[State], State] | None = None,
         policy: SwitchingPolicy | None = None,
         validate: Evaluator | None = None,
+        artifacts: ArtifactService | None = None,
     ) -> None:
         """``evaluate`` gives the metrics stored with each version (e.g. on a test split); ``validate``,
         when given, the held-out public metrics the switching policy decides on (stored as ``heldout_*``),
-        so decisions never look at the test split. Without it the policy decides on ``evaluate``."""
+        so decisions never look at the test split. Without it the policy decides on ``evaluate``.
+        ``artifacts``, when given, serves ORT training artifacts to devices that ask for them (without it
+        such requests are refused with the reason ``disabled``)."""
         self.settings = settings
         self.transport = transport
         self.store = store
@@ -182,6 +191,7 @@ class Hub:
         self._validator = validate
         self._optimizer = settings.make_server_optimizer()
         self._on_version = on_version
+        self._artifacts = artifacts
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._assembler = ChunkAssembler(limits=settings.limits)
         self._worker: threading.Thread | None = None
@@ -201,6 +211,8 @@ class Hub:
     def start(self) -> None:
         """Load or create the global state, subscribe, announce the current version."""
         self._load_or_init()
+        if self._artifacts is not None:
+            self._artifacts.start(self.transport, self.settings.federation)
         self.transport.subscribe(self.topics.uplink_filter(), self._enqueue)
         self.transport.subscribe(self.topics.presence_filter(), self._enqueue)
         self._worker = threading.Thread(target=self._run, name="ffm-hub-worker", daemon=True)
@@ -215,6 +227,8 @@ class Hub:
             self._inbox.put(None)
             self._worker.join(timeout=60)
             self._worker = None
+        if self._artifacts is not None:
+            self._artifacts.stop()
 
     @property
     def current_version(self) -> int:
@@ -455,6 +469,8 @@ class Hub:
             self._send(self.topics.downlink_control(device), encode_message(self._manifest()))
         elif isinstance(message, PullRequest):
             self._serve_pull(device, message)
+        elif isinstance(message, ArtifactRequest):
+            self._serve_artifacts(device, message)
         # Heartbeats only refresh ``devices`` (done in _dispatch).
 
     def _serve_pull(self, device: str, request: PullRequest) -> None:
@@ -468,6 +484,19 @@ class Hub:
         for chunk in split_frame(frame, chunk_size=self.settings.chunk_size, transfer_id=request.transfer_id):
             self._bytes_out += len(chunk)
             self._send(self.topics.downlink_global(device), chunk)
+
+    def _serve_artifacts(self, device: str, request: ArtifactRequest) -> None:
+        if request.device != device:
+            log.warning("dropping an artifact request for %s that came from %s", request.device, device)
+            return
+        if self._artifacts is None:
+            detail = "this hub does not serve ORT artifacts (start it with `ffm-hub serve --ort-artifacts`)"
+            self._send(
+                self.topics.downlink_control(device),
+                encode_message(ArtifactError(request.transfer_id, "disabled", detail)),
+            )
+            return
+        self._artifacts.handle(device, request, lambda: (self.current_version, self.global_state()))
 
     def _frame_for(self, version: int, strategy: str | None) -> bytes:
         """The stored version, or only the tensors ``strategy`` trains (a device pulls what it needs)."""

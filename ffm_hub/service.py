@@ -8,15 +8,19 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ffm_edge.data import LabeledData, describe, get_task, load_split
 from ffm_edge.errors import ConfigError, DataError
-from ffm_edge.spec import load_model_spec
+from ffm_edge.spec import ModelSpec, load_model_spec
 from ffm_edge.transport.mqtt import MqttTransport, parse_broker_url
 from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.store import SqliteStore
+
+if TYPE_CHECKING:
+    from ffm_hub.artifacts import ArtifactService
 
 __all__ = ["ServeOptions", "running_hub", "serve"]
 
@@ -61,6 +65,7 @@ class ServeOptions:
     advertise: bool = True
     chunk_size: int = 128 * 1024
     hub_id: str = "hub"
+    ort_artifacts: bool = False  # serve ORT training artifacts to devices that ask (built lazily, cached)
 
     @property
     def all_strategies(self) -> tuple[str, ...]:
@@ -102,6 +107,22 @@ def _load_public_data(opts: ServeOptions) -> tuple[LabeledData | None, LabeledDa
     return public, heldout
 
 
+def _artifact_service(opts: ServeOptions, spec: ModelSpec) -> ArtifactService:
+    """The ORT artifact server; refuses to start where artifacts could not be built at all."""
+    from ffm_edge.errors import OrtUnavailableError
+    from ffm_edge.ort.compat import check_onnx_version, ort_runtime_problem
+    from ffm_hub.artifacts import ArtifactService
+
+    check_onnx_version()
+    problem = ort_runtime_problem()
+    if problem is not None:
+        raise OrtUnavailableError(f"--ort-artifacts needs onnxruntime-training (pip install 'ffm[ort]'): {problem}")
+    log.info("serving ORT training artifacts (built on first request, cached in %s)", opts.state_dir / "ort-artifacts")
+    return ArtifactService(
+        spec, opts.task, opts.state_dir / "ort-artifacts", strategies=opts.all_strategies, seed=opts.seed
+    )
+
+
 @contextlib.contextmanager
 def running_hub(opts: ServeOptions) -> Iterator[Hub]:
     """Start every part of the hub and stop them in reverse order on exit."""
@@ -130,6 +151,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         chunk_size=opts.chunk_size,
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = _artifact_service(opts, spec) if opts.ort_artifacts else None  # fails fast without the ort extra
     public, heldout = _load_public_data(opts)  # before the broker: a bad setting fails fast
     with contextlib.ExitStack() as stack:
         if opts.broker is None:
@@ -210,6 +232,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
             central_step=central_step,
             policy=make_policy(opts.policy, **kwargs) if opts.policy != "fixed" else None,
             validate=validate,
+            artifacts=artifacts,
         )
         hub.start()
         stack.callback(hub.stop)

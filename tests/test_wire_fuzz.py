@@ -21,6 +21,9 @@ from ffm_edge.errors import DecodeError
 from ffm_edge.wire import (
     CODECS,
     MESSAGE_TYPES,
+    ArtifactError,
+    ArtifactMeta,
+    ArtifactRequest,
     ChunkAssembler,
     Completed,
     Envelope,
@@ -30,10 +33,12 @@ from ffm_edge.wire import (
     Receipt,
     UpdateMeta,
     WireLimits,
+    decode_artifacts,
     decode_global,
     decode_message,
     decode_tensors,
     decode_update,
+    encode_artifacts,
     encode_global,
     encode_message,
     encode_tensors,
@@ -61,12 +66,15 @@ _TENSORS: dict[str, np.ndarray] = {
 }
 UPDATE_FRAME = encode_update(_META, _TENSORS)
 GLOBAL_FRAME = encode_global(GlobalMeta("fed", 3, 2, "org/m", "lora", "fp16", 1.0, 4), _TENSORS)
+ARTIFACTS_FRAME = encode_artifacts(ArtifactMeta("fed", "org/m", "sst2", "lora", "ort", 3, "tar", 2, 1.0), b"tar" * 40)
 PAYLOADS = [encode_tensors(_TENSORS, codec) for codec in CODECS]
 CHUNKS = split_frame(UPDATE_FRAME[:300], chunk_size=64, transfer_id="t1", limits=LIMITS)
 MESSAGE_BYTES = [
     encode_message(Receipt("u1", 3, 0, False)),
     encode_message(Heartbeat("dev", 1.0)),
     encode_message(Manifest("fed", 2, 1, "0" * 64, 10, "m", "lora", "int8", 1.0, {"acc": 0.5}, 3)),
+    encode_message(ArtifactRequest("dev", "t1", "org/m", "sst2", "lora")),
+    encode_message(ArtifactError("t1", "unsupported", "full_q8")),
 ]
 
 
@@ -101,7 +109,7 @@ def mutated(draw: st.DrawFn, originals: list[bytes]) -> bytes:
 
 
 @FUZZ
-@given(st.binary(max_size=512) | mutated([UPDATE_FRAME, GLOBAL_FRAME]))
+@given(st.binary(max_size=512) | mutated([UPDATE_FRAME, GLOBAL_FRAME, ARTIFACTS_FRAME]))
 def test_unpack_envelope_and_typed_decoders(data: bytes) -> None:
     envelope = _only_decode_errors(unpack_envelope, data)
     assert envelope is None or isinstance(envelope, Envelope)
@@ -109,6 +117,38 @@ def test_unpack_envelope_and_typed_decoders(data: bytes) -> None:
     assert update is None or isinstance(update[0], UpdateMeta)
     result = _only_decode_errors(decode_global, data)
     assert result is None or isinstance(result[0], GlobalMeta)
+    artifacts = _only_decode_errors(decode_artifacts, data)
+    assert artifacts is None or (isinstance(artifacts[0], ArtifactMeta) and isinstance(artifacts[1], bytes))
+
+
+_finite_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=8,
+)
+
+
+@st.composite
+def artifact_meta_objects(draw: st.DrawFn) -> bytes:
+    """Valid artifacts envelopes around metadata with random values in its fields."""
+    meta: dict[str, Any] = ArtifactMeta("fed", "m", "sst2", "lora", "ort", 0, "tar", 1, 0.0).to_dict()
+    for name in list(meta):
+        if draw(st.integers(0, 2)) == 0:
+            meta[name] = draw(_finite_json_values)
+        elif draw(st.integers(0, 9)) == 0:
+            del meta[name]
+    return pack_envelope("artifacts", meta, draw(st.binary(max_size=64)))
+
+
+@FUZZ
+@given(artifact_meta_objects())
+def test_decode_artifacts_metadata(data: bytes) -> None:
+    result = _only_decode_errors(decode_artifacts, data)
+    assert result is None or isinstance(result[0], ArtifactMeta)
 
 
 @FUZZ

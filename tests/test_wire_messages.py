@@ -9,11 +9,15 @@ import pytest
 
 from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError
 from ffm_edge.wire import (
+    ARTIFACT_ERROR_REASONS,
     MAX_DETAIL_CHARS,
     MESSAGE_TYPES,
     PULL_ERROR_REASONS,
     REJECTION_REASONS,
     TOPIC_ROOT,
+    ArtifactError,
+    ArtifactPending,
+    ArtifactRequest,
     Heartbeat,
     Hello,
     Manifest,
@@ -55,6 +59,9 @@ MESSAGES: list[Message] = [
     ),
     Manifest("fed", 0, None, SHA, 0, "m", "full_q8", "int8", 0.0, {}, 0),
     PullError(transfer_id="pull-9", reason="unknown_version", detail="no version 99"),
+    ArtifactRequest(device="dev-1", transfer_id="ort-1", model="org/model-name", task="sst2", strategy="lora"),
+    ArtifactPending(transfer_id="ort-1", detail="building minilm-l6-v2/lora artifacts"),
+    ArtifactError(transfer_id="ort-1", reason="unsupported", detail="the ORT runtime trains head, lora, prompt"),
 ]
 
 
@@ -80,6 +87,9 @@ def test_every_type_is_registered_once() -> None:
         "rejection",
         "manifest",
         "pull_error",
+        "artifact_request",
+        "artifact_pending",
+        "artifact_error",
     }
     assert {type(m) for m in MESSAGES} == set(MESSAGE_TYPES.values())
 
@@ -111,6 +121,24 @@ def test_pull_request_strategy_is_optional_and_validated() -> None:
     assert isinstance(new, PullRequest) and new.strategy == "prompt"
     with pytest.raises(MalformedError):
         decode_message(b'{"v":1,"type":"pull_request","device":"d","version":-1,"transfer_id":"t","strategy":"a/b"}')
+
+
+def test_artifact_messages() -> None:
+    request = decode_message(
+        b'{"v":1,"type":"artifact_request","device":"d","transfer_id":"t","model":"m","task":"sst2","strategy":"head"}'
+    )
+    assert request == ArtifactRequest("d", "t", "m", "sst2", "head", "ort")  # the runtime defaults to ort
+    assert ARTIFACT_ERROR_REASONS >= {"disabled", "unknown_strategy", "unsupported", "build_failed"}
+    for reason in ARTIFACT_ERROR_REASONS:
+        assert decode_message(encode_message(ArtifactError("t", reason, ""))).reason == reason  # type: ignore[union-attr]
+    for key, bad in [("task", "a/b"), ("strategy", ""), ("runtime", "+"), ("model", ""), ("transfer_id", 1)]:
+        obj = {**_obj(MESSAGES[12]), key: bad}
+        with pytest.raises(MalformedError):
+            decode_message(json.dumps(obj).encode())
+    with pytest.raises(MalformedError):
+        decode_message(json.dumps({**_obj(MESSAGES[14]), "reason": "unknown_version"}).encode())
+    with pytest.raises(MalformedError):
+        decode_message(json.dumps({**_obj(MESSAGES[13]), "detail": None}).encode())
 
 
 def test_hello_defaults_to_torch() -> None:
@@ -236,6 +264,7 @@ def test_topic_names() -> None:
     assert topics.uplink_control("dev") == "ffm/v1/fed-1/up/dev/ctl"
     assert topics.downlink_control("dev") == "ffm/v1/fed-1/down/dev/ctl"
     assert topics.downlink_global("dev") == "ffm/v1/fed-1/down/dev/global"
+    assert topics.downlink_artifacts("dev") == "ffm/v1/fed-1/down/dev/artifacts"
     assert topics.presence("dev") == "ffm/v1/fed-1/presence/dev"
     assert topics.hub_presence() == "ffm/v1/fed-1/hub/presence"
     assert topics.manifest() == "ffm/v1/fed-1/global/manifest"

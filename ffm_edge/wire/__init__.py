@@ -1,7 +1,8 @@
 """The FFM wire format, shared by edge and hub: stdlib + numpy + safetensors only, never pickle.
 
 - :mod:`~ffm_edge.wire.codec`: tensors ↔ safetensors bytes (fp32 / fp16 / per-channel int8).
-- :mod:`~ffm_edge.wire.envelope`: the versioned, hashed frame around updates and global versions.
+- :mod:`~ffm_edge.wire.envelope`: the versioned, hashed frame around updates, global versions and
+  archives of training artifacts.
 - :mod:`~ffm_edge.wire.chunking`: large frames as hashed chunks, reassembled with bounded memory.
 - :mod:`~ffm_edge.wire.topics`: MQTT topic names and id validation.
 - :mod:`~ffm_edge.wire.messages`: small JSON control messages.
@@ -11,7 +12,15 @@ Every decoder raises only :class:`ffm_edge.errors.DecodeError` subclasses on bad
 
 from __future__ import annotations
 
-from ffm_edge.wire.chunking import CHUNK_MAGIC, Chunk, ChunkAssembler, Completed, parse_chunk, split_frame
+from ffm_edge.wire.chunking import (
+    CHUNK_MAGIC,
+    Chunk,
+    ChunkAssembler,
+    Completed,
+    iter_chunks,
+    parse_chunk,
+    split_frame,
+)
 from ffm_edge.wire.codec import (
     CODECS,
     SCALE_SUFFIX,
@@ -21,14 +30,18 @@ from ffm_edge.wire.codec import (
     quantization_step,
 )
 from ffm_edge.wire.envelope import (
+    ARTIFACT_FORMATS,
     ENVELOPE_KINDS,
     MAGIC,
     PROTOCOL_VERSION,
+    ArtifactMeta,
     Envelope,
     GlobalMeta,
     UpdateMeta,
+    decode_artifacts,
     decode_global,
     decode_update,
+    encode_artifacts,
     encode_global,
     encode_update,
     pack_envelope,
@@ -36,11 +49,15 @@ from ffm_edge.wire.envelope import (
 )
 from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
 from ffm_edge.wire.messages import (
+    ARTIFACT_ERROR_REASONS,
     MAX_DETAIL_CHARS,
     MESSAGE_TYPES,
     MESSAGE_VERSION,
     PULL_ERROR_REASONS,
     REJECTION_REASONS,
+    ArtifactError,
+    ArtifactPending,
+    ArtifactRequest,
     Heartbeat,
     Hello,
     Manifest,
@@ -55,6 +72,8 @@ from ffm_edge.wire.messages import (
 from ffm_edge.wire.topics import TOPIC_ROOT, Topics, validate_id
 
 __all__ = [
+    "ARTIFACT_ERROR_REASONS",
+    "ARTIFACT_FORMATS",
     "CHUNK_MAGIC",
     "CODECS",
     "DEFAULT_LIMITS",
@@ -68,6 +87,10 @@ __all__ = [
     "REJECTION_REASONS",
     "SCALE_SUFFIX",
     "TOPIC_ROOT",
+    "ArtifactError",
+    "ArtifactMeta",
+    "ArtifactPending",
+    "ArtifactRequest",
     "Chunk",
     "ChunkAssembler",
     "Completed",
@@ -84,15 +107,18 @@ __all__ = [
     "Topics",
     "UpdateMeta",
     "WireLimits",
+    "decode_artifacts",
     "decode_global",
     "decode_message",
     "decode_payload",
     "decode_tensors",
     "decode_update",
+    "encode_artifacts",
     "encode_global",
     "encode_message",
     "encode_tensors",
     "encode_update",
+    "iter_chunks",
     "pack_envelope",
     "parse_chunk",
     "quantization_step",

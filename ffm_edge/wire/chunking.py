@@ -14,7 +14,7 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ffm_edge.errors import ChunkError, ConfigError, HashMismatchError, MalformedError, OversizedError
@@ -22,7 +22,7 @@ from ffm_edge.wire.envelope import PREFIX_SIZE, pack_frame, read_frame
 from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
 from ffm_edge.wire.topics import check_int, check_keys, check_sha256, validate_id
 
-__all__ = ["CHUNK_MAGIC", "Chunk", "ChunkAssembler", "Completed", "parse_chunk", "split_frame"]
+__all__ = ["CHUNK_MAGIC", "Chunk", "ChunkAssembler", "Completed", "iter_chunks", "parse_chunk", "split_frame"]
 
 CHUNK_MAGIC = b"FFMC"
 
@@ -55,6 +55,16 @@ def split_frame(data: bytes, *, chunk_size: int, transfer_id: str, limits: WireL
 
     ``ValueError`` when the transfer would break ``limits`` (receivers would reject it anyway).
     """
+    return list(iter_chunks(data, chunk_size=chunk_size, transfer_id=transfer_id, limits=limits))
+
+
+def iter_chunks(
+    data: bytes, *, chunk_size: int, transfer_id: str, limits: WireLimits = DEFAULT_LIMITS
+) -> Iterator[bytes]:
+    """:func:`split_frame` one chunk frame at a time, so a large transfer is never held twice in memory.
+
+    The arguments are checked (``ValueError``) before the first chunk is produced.
+    """
     validate_id(transfer_id, "transfer id")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -65,9 +75,12 @@ def split_frame(data: bytes, *, chunk_size: int, transfer_id: str, limits: WireL
     count = max(1, math.ceil(len(data) / chunk_size))
     if count > limits.max_chunks:
         raise ValueError(f"{count} chunks exceed max_chunks {limits.max_chunks}; use larger chunks")
+    return _chunk_frames(data, chunk_size, transfer_id, count, limits)
+
+
+def _chunk_frames(data: bytes, chunk_size: int, transfer_id: str, count: int, limits: WireLimits) -> Iterator[bytes]:
     total_sha256 = hashlib.sha256(data).hexdigest()
     view = memoryview(data)
-    frames = []
     for index in range(count):
         piece = bytes(view[index * chunk_size : (index + 1) * chunk_size])
         header = {
@@ -78,8 +91,7 @@ def split_frame(data: bytes, *, chunk_size: int, transfer_id: str, limits: WireL
             "total_sha256": total_sha256,
             "chunk_sha256": hashlib.sha256(piece).hexdigest(),
         }
-        frames.append(pack_frame(CHUNK_MAGIC, header, piece, limits=limits))
-    return frames
+        yield pack_frame(CHUNK_MAGIC, header, piece, limits=limits)
 
 
 def parse_chunk(frame: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> Chunk:

@@ -2,7 +2,8 @@
 
 Layout: ``b"FFMU"`` | protocol version (u16 BE) | header length (u32 BE) | header JSON | payload.
 The header is ``{"kind", "payload_size", "payload_sha256", "meta"}``; ``meta`` is the kind-specific
-metadata (:class:`UpdateMeta` or :class:`GlobalMeta`). The version sits right after the magic so a peer
+metadata (:class:`UpdateMeta`, :class:`GlobalMeta`, or :class:`ArtifactMeta` around an archive of training
+artifacts). The version sits right after the magic so a peer
 that speaks another version gets a precise :class:`ProtocolVersionError`, not a parse error.
 """
 
@@ -40,15 +41,19 @@ from ffm_edge.wire.topics import (
 )
 
 __all__ = [
+    "ARTIFACT_FORMATS",
     "ENVELOPE_KINDS",
     "MAGIC",
     "PREFIX_SIZE",
     "PROTOCOL_VERSION",
+    "ArtifactMeta",
     "Envelope",
     "GlobalMeta",
     "UpdateMeta",
+    "decode_artifacts",
     "decode_global",
     "decode_update",
+    "encode_artifacts",
     "encode_global",
     "encode_update",
     "pack_envelope",
@@ -57,7 +62,10 @@ __all__ = [
 
 MAGIC = b"FFMU"
 PROTOCOL_VERSION = 1
-ENVELOPE_KINDS = ("update", "global")
+ENVELOPE_KINDS = ("update", "global", "artifacts")
+#: Archive formats an ``"artifacts"`` envelope may carry: an uncompressed POSIX tar (the graphs are
+#: float data that barely compress, and a tar needs nothing beyond the standard library to read).
+ARTIFACT_FORMATS = ("tar",)
 
 _PREFIX = struct.Struct(">4sHI")
 #: Bytes before the header JSON: magic, version, header length.
@@ -250,6 +258,37 @@ class GlobalMeta(_StrictMeta):
         self._set("metrics", check_metrics(self.metrics))
 
 
+@dataclass(frozen=True)
+class ArtifactMeta(_StrictMeta):
+    """What the hub says about an archive of training artifacts; validated on construction (``MalformedError``).
+
+    ``global_version`` is the global version whose trainable values the artifacts start from.
+    """
+
+    _what: ClassVar[str] = "artifact metadata"
+
+    federation: str
+    model: str
+    task: str
+    strategy: str
+    runtime: str
+    global_version: int
+    archive: str
+    files: int
+    created_at: float
+
+    def __post_init__(self) -> None:
+        validate_id(self.federation, "federation id")
+        check_text(self.model, "model", max_chars=MAX_MODEL_CHARS)
+        validate_id(self.task, "task")
+        validate_id(self.strategy, "strategy")
+        validate_id(self.runtime, "runtime")
+        check_int(self.global_version, "global_version", minimum=0)
+        check_choice(self.archive, "archive format", ARTIFACT_FORMATS)
+        check_int(self.files, "files", minimum=1)
+        self._set("created_at", check_float(self.created_at, "created_at", minimum=0.0))
+
+
 def _decode_payload(payload: bytes, codec: str, limits: WireLimits) -> dict[str, np.ndarray]:
     found, tensors = decode_payload(payload, limits=limits)
     if found != codec:
@@ -279,3 +318,14 @@ def decode_global(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> tuple[
     envelope = unpack_envelope(data, limits=limits, expected_kind="global")
     meta = GlobalMeta.from_dict(envelope.meta)
     return meta, _decode_payload(envelope.payload, meta.codec, limits)
+
+
+def encode_artifacts(meta: ArtifactMeta, archive: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
+    """An artifacts frame: the archive bytes (sha256 and size in the header) inside an ``"artifacts"`` envelope."""
+    return pack_envelope("artifacts", meta.to_dict(), archive, limits=limits)
+
+
+def decode_artifacts(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> tuple[ArtifactMeta, bytes]:
+    """Verify an artifacts frame (size, sha256, metadata) and return its metadata and archive bytes."""
+    envelope = unpack_envelope(data, limits=limits, expected_kind="artifacts")
+    return ArtifactMeta.from_dict(envelope.meta), envelope.payload

@@ -29,11 +29,15 @@ from ffm_edge.wire.topics import (
 )
 
 __all__ = [
+    "ARTIFACT_ERROR_REASONS",
     "MAX_DETAIL_CHARS",
     "MESSAGE_TYPES",
     "MESSAGE_VERSION",
     "PULL_ERROR_REASONS",
     "REJECTION_REASONS",
+    "ArtifactError",
+    "ArtifactPending",
+    "ArtifactRequest",
     "Heartbeat",
     "Hello",
     "Manifest",
@@ -68,6 +72,21 @@ REJECTION_REASONS = frozenset(
 
 #: Reason codes of a :class:`PullError` (the hub cannot serve a requested global version).
 PULL_ERROR_REASONS = frozenset({"unknown_version", "unavailable", "malformed", "internal"})
+
+#: Reason codes of an :class:`ArtifactError` (the hub cannot serve the training artifacts a device asked for).
+ARTIFACT_ERROR_REASONS = frozenset(
+    {
+        "disabled",  # this hub does not serve artifacts (``ffm-hub serve`` without ``--ort-artifacts``)
+        "unknown_model",  # the device asked for another model than the federation trains
+        "unknown_task",  # ... or another task
+        "unknown_strategy",  # a strategy this federation does not accept
+        "unknown_runtime",  # a runtime the hub builds no artifacts for
+        "unsupported",  # the runtime cannot train this strategy or model (full_q8, a non-text model)
+        "build_failed",  # building the artifacts failed on the hub
+        "too_large",  # the artifacts exceed the wire's frame limit
+        "internal",
+    }
+)
 
 #: Longest ``detail`` text of a rejection or pull error; senders should truncate longer texts.
 MAX_DETAIL_CHARS = 1024
@@ -219,10 +238,89 @@ class PullError(_Message):
         check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
 
 
-Message = Hello | PullRequest | Heartbeat | Receipt | Rejection | Manifest | PullError
+@dataclass(frozen=True)
+class ArtifactRequest(_Message):
+    """Edge → hub: send training artifacts of ``runtime`` for ``model``/``task``/``strategy`` as the chunked
+    transfer ``transfer_id`` on the device's artifact downlink (a device without torch cannot build them)."""
+
+    type: ClassVar[str] = "artifact_request"
+
+    device: str
+    transfer_id: str
+    model: str
+    task: str
+    strategy: str
+    runtime: str = "ort"
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "device id")
+        validate_id(self.transfer_id, "transfer id")
+        check_text(self.model, "model", max_chars=MAX_MODEL_CHARS)
+        validate_id(self.task, "task")
+        validate_id(self.strategy, "strategy")
+        validate_id(self.runtime, "runtime")
+
+
+@dataclass(frozen=True)
+class ArtifactPending(_Message):
+    """Hub → edge: the artifacts of ``transfer_id`` are being built; the chunks follow when they are ready.
+
+    Tells the device to wait for a build (seconds to minutes) instead of timing out as for a lost transfer.
+    """
+
+    type: ClassVar[str] = "artifact_pending"
+
+    transfer_id: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.transfer_id, "transfer id")
+        check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
+
+
+@dataclass(frozen=True)
+class ArtifactError(_Message):
+    """Hub → edge: an :class:`ArtifactRequest` cannot be served (``reason`` in :data:`ARTIFACT_ERROR_REASONS`)."""
+
+    type: ClassVar[str] = "artifact_error"
+
+    transfer_id: str
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.transfer_id, "transfer id")
+        check_choice(self.reason, "artifact error reason", ARTIFACT_ERROR_REASONS)
+        check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
+
+
+Message = (
+    Hello
+    | PullRequest
+    | Heartbeat
+    | Receipt
+    | Rejection
+    | Manifest
+    | PullError
+    | ArtifactRequest
+    | ArtifactPending
+    | ArtifactError
+)
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.type: cls for cls in (Hello, PullRequest, Heartbeat, Receipt, Rejection, Manifest, PullError)
+    cls.type: cls
+    for cls in (
+        Hello,
+        PullRequest,
+        Heartbeat,
+        Receipt,
+        Rejection,
+        Manifest,
+        PullError,
+        ArtifactRequest,
+        ArtifactPending,
+        ArtifactError,
+    )
 }
 
 

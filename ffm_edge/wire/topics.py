@@ -195,6 +195,11 @@ class Topics:
         """Chunk frames of a global version a device asked for (hub → device)."""
         return f"{self.base}/down/{validate_id(device, 'device id')}/global"
 
+    def downlink_artifacts(self, device: str) -> str:
+        """Chunk frames of training artifacts a device asked for (hub → device); apart from global
+        versions, so a device's global-version reassembly never buffers an artifact transfer."""
+        return f"{self.base}/down/{validate_id(device, 'device id')}/artifacts"
+
     def presence(self, device: str) -> str:
         """A device's presence (its Last Will goes here)."""
         return f"{self.base}/presence/{validate_id(device, 'device id')}"
