@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ffm_edge.errors import ConfigError
+from ffm_edge.ort.compat import dist_version
 
 __all__ = [
     "CHECK_TIMEOUT_S",
@@ -359,16 +360,6 @@ def _accelerator() -> AcceleratorInfo | None:
     return None
 
 
-def _dist_version(*names: str) -> str | None:
-    """The installed version of the first distribution found among ``names`` (no import needed)."""
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Checks that run inside the child process
 
@@ -479,7 +470,7 @@ def _child_check_onnxruntime_training() -> dict[str, Any]:
     ``__init__``). The tokenizer library the runtime needs is checked too.
     """
     sys.modules["torch"] = None  # type: ignore[assignment]  # any import of torch now fails at once
-    version = _dist_version("onnxruntime-training-cpu", "onnxruntime-training")
+    version = dist_version("onnxruntime-training-cpu", "onnxruntime-training")
     result: dict[str, Any] = {"available": False, "version": version}
     if importlib.util.find_spec("onnxruntime") is None:
         result["detail"] = "onnxruntime-training is not installed (pip install 'ffm[ort]')"
@@ -491,7 +482,7 @@ def _child_check_onnxruntime_training() -> dict[str, Any]:
         return result
     missing = [name for name in _ORT_TRAINING_CLASSES if not hasattr(_pybind_state, name)]
     if "Module" in missing:
-        build = _dist_version("onnxruntime", "onnxruntime-gpu")
+        build = dist_version("onnxruntime", "onnxruntime-gpu")
         result["detail"] = (
             f"onnxruntime {build or version or '(unknown version)'} is an inference-only build "
             "(no training Module); install onnxruntime-training-cpu"
@@ -508,7 +499,7 @@ def _child_check_onnxruntime_training() -> dict[str, Any]:
         result["detail"] = "the tokenizers package (needed to tokenize text without torch) is not installed"
         return result
     result["available"] = True
-    result["version"] = version or _dist_version("onnxruntime", "onnxruntime-gpu")
+    result["version"] = version or dist_version("onnxruntime", "onnxruntime-gpu")
     result["detail"] = "training API loads without torch" + (f" (missing: {', '.join(missing)})" if missing else "")
     return result
 
@@ -584,7 +575,7 @@ def _parse_child(returncode: int, out: str, err: str) -> _ChildResult:
 
 
 def _bitsandbytes_check(child: _ChildResult | None) -> BackendCheck:
-    version = _dist_version("bitsandbytes")
+    version = dist_version("bitsandbytes")
     if child is None:
         return BackendCheck(False, version, detail="bitsandbytes is not installed")
     if child.data is None:
@@ -605,7 +596,7 @@ def _bitsandbytes_check(child: _ChildResult | None) -> BackendCheck:
 
 
 def _onnxruntime_check(child: _ChildResult | None) -> BackendCheck:
-    version = _dist_version("onnxruntime-training-cpu", "onnxruntime-training")
+    version = dist_version("onnxruntime-training-cpu", "onnxruntime-training")
     if child is None:
         return BackendCheck(False, version, detail="onnxruntime-training is not installed (pip install 'ffm[ort]')")
     if child.data is None:
@@ -664,7 +655,7 @@ def _cache_key() -> str:
         "machine": platform.machine(),
         "gpu": _os_shows_gpu(),
         "packages": {
-            name: _dist_version(name)
+            name: dist_version(name)
             for name in (
                 "ffm",
                 "torch",
@@ -772,7 +763,7 @@ def probe_device(budget: int | str | None = None, *, refresh: bool = False) -> D
         accelerator=_accelerator(),
         bitsandbytes=caps.bitsandbytes,
         onnxruntime_training=caps.onnxruntime_training,
-        torch_version=_dist_version("torch"),
+        torch_version=dist_version("torch"),
         python_version=platform.python_version(),
         platform=platform.platform(),
         ram_source=ram_source,
