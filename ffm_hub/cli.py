@@ -87,6 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"),
                        help="server step on the mean delta; buffers persist with each version")  # fmt: skip
     serve.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm: server momentum")
+    serve.add_argument("--aggregator", default="fedavg",
+                       choices=("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "dp_fedavg"),
+                       help="how the queued updates become one pseudo-gradient before the server step: fedavg "
+                       "(sample- and staleness-weighted mean); median or trimmed_mean (coordinate-wise, resist a "
+                       "minority of poisoned or scaled updates); krum or multi_krum (keep the update(s) closest "
+                       "to their neighbours, Blanchard et al. 2017; every update must carry every tensor); "
+                       "dp_fedavg (central DP: clip each update to --dp-clip, average over tau, add Gaussian "
+                       "noise). All but fedavg are unweighted")  # fmt: skip
+    serve.add_argument("--trim-fraction", type=float, default=0.1,
+                       help="trimmed_mean: share of values cut from each end of every coordinate, in [0, 0.5); "
+                       "set it to at least the share of attackers you expect")  # fmt: skip
+    serve.add_argument("--krum-f", type=int, default=1,
+                       help="krum, multi_krum: attackers tolerated among tau updates (needs tau > 2f + 2)")  # fmt: skip
+    serve.add_argument("--krum-m", type=int, default=1,
+                       help="multi_krum: how many lowest-scoring updates are averaged (<= tau - f)")  # fmt: skip
+    serve.add_argument("--dp-clip", type=float, default=1.0,
+                       help="dp_fedavg: L2 norm C every whole update is clipped to")  # fmt: skip
+    serve.add_argument("--dp-noise-multiplier", type=float, default=1.0,
+                       help="dp_fedavg: z; noise std sigma = z * C / tau, recorded with each version")  # fmt: skip
+    serve.add_argument("--dp-seed", type=int, default=None,
+                       help="dp_fedavg: seed of the noise, for reproducible experiments only (default: OS "
+                       "entropy; anyone who knows the seed can remove the noise)")  # fmt: skip
     serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
     serve.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
     serve.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"),
@@ -205,6 +227,13 @@ def _serve(args: argparse.Namespace) -> int:
             validation_limit=args.validation_limit,
             server_optimizer=args.server_optimizer,
             server_momentum=args.server_momentum,
+            aggregator=args.aggregator,
+            trim_fraction=args.trim_fraction,
+            krum_f=args.krum_f,
+            krum_m=args.krum_m,
+            dp_clip=args.dp_clip,
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_seed=args.dp_seed,
             state_dir=args.state_dir,
             broker=args.broker,
             broker_kind=args.broker_kind,

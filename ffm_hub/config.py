@@ -103,6 +103,10 @@ def _fraction(v: float) -> str | None:
     return None if math.isfinite(v) and 0 <= v < 1 else f"must be in [0, 1), got {v}"
 
 
+def _half_fraction(v: float) -> str | None:
+    return None if math.isfinite(v) and 0 <= v < 0.5 else f"must be in [0, 0.5), got {v}"
+
+
 def _non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
@@ -177,6 +181,29 @@ FIELDS: tuple[ConfigField, ...] = (
                 "fedadam: decay of the second moment, in [0, 1)", check=_fraction),
     ConfigField("aggregation", "server_epsilon", "server_epsilon", "float", _D.server_epsilon,
                 "fedadam: adaptivity τ added to sqrt(v), > 0", check=_positive_finite),
+    ConfigField("aggregation", "aggregator", "aggregator", "str", _D.aggregator,
+                "how the queued updates become one pseudo-gradient before the server step: fedavg (sample- and "
+                "staleness-weighted mean), median or trimmed_mean (coordinate-wise; resist a minority of "
+                "poisoned or scaled updates), krum or multi_krum (keep the update(s) closest to their "
+                "neighbours; every update must carry every tensor) or dp_fedavg (central DP: clip, average, "
+                "add Gaussian noise); all but fedavg ignore sample counts and staleness weights",
+                check=_one_of("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "dp_fedavg")),
+    ConfigField("aggregation", "trim_fraction", "trim_fraction", "float", _D.trim_fraction,
+                "trimmed_mean: share of values cut from each end of every coordinate, in [0, 0.5)",
+                check=_half_fraction),
+    ConfigField("aggregation", "krum_f", "krum_f", "int", _D.krum_f,
+                "krum, multi_krum: attackers tolerated among tau updates (needs tau > 2 krum_f + 2)",
+                check=_at_least(0)),
+    ConfigField("aggregation", "krum_m", "krum_m", "int", _D.krum_m,
+                "multi_krum: how many lowest-scoring updates are averaged (<= tau - krum_f)", check=_at_least(1)),
+    ConfigField("aggregation", "dp_clip", "dp_clip", "float", _D.dp_clip,
+                "dp_fedavg: L2 norm C each whole update is clipped to", check=_positive_finite),
+    ConfigField("aggregation", "dp_noise_multiplier", "dp_noise_multiplier", "float", _D.dp_noise_multiplier,
+                "dp_fedavg: noise multiplier z; noise std sigma = z * C / tau, recorded with each version",
+                check=_non_negative_finite),
+    ConfigField("aggregation", "dp_seed", "dp_seed", "int", _D.dp_seed,
+                "dp_fedavg: seed of the noise, for reproducible experiments only; leave out for OS entropy "
+                "(anyone who knows the seed can remove the noise)", example=0, check=_at_least(0)),
     ConfigField("aggregation", "staleness", "staleness", "str", _D.staleness,
                 "how an update built on an older global version is weighted down: constant, polynomial "
                 "((1 + s)^-alpha) or hinge (1 while s <= 4, then 1 / (alpha (s - 4) + 1))",
@@ -359,6 +386,22 @@ def validate_hub_config(data: Mapping[str, Any], *, source: str = "config") -> H
     if metrics_port is not None and values.get("broker") is None and metrics_port == broker_port:
         problems.append(f"metrics.port: {metrics_port} is also the managed broker's port (broker.port)")
 
+    aggregator = values.get("aggregator", _D.aggregator)
+    if aggregator in ("krum", "multi_krum") and not any(p.startswith("aggregation.") for p in problems):
+        from ffm_hub.robust import check_aggregator
+
+        problems += [
+            f"aggregation.{aggregator}: {p}"
+            for p in check_aggregator(
+                aggregator,
+                tau=values.get("tau", _D.tau),
+                trim_fraction=values.get("trim_fraction", _D.trim_fraction),
+                krum_f=values.get("krum_f", _D.krum_f),
+                krum_m=values.get("krum_m", _D.krum_m),
+                dp_clip=values.get("dp_clip", _D.dp_clip),
+                dp_noise_multiplier=values.get("dp_noise_multiplier", _D.dp_noise_multiplier),
+            )
+        ]
     if problems:
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(f"{source}: {len(problems)} {noun}\n" + "\n".join(f"  {p}" for p in problems))

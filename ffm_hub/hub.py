@@ -64,6 +64,7 @@ from ffm_hub.aggregate import (
     staleness_weight,
 )
 from ffm_hub.faults import crash_point
+from ffm_hub.robust import AGGREGATORS, check_aggregator, robust_aggregate
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
 from ffm_hub.switching import ACTIONS, Decision, SwitchingPolicy
 
@@ -73,6 +74,9 @@ if TYPE_CHECKING:
 __all__ = ["Hub", "HubSettings"]
 
 log = logging.getLogger("ffm.hub")
+
+# Aggregators that need every update to carry the same tensors.
+_WHOLE_UPDATE = frozenset({"krum", "multi_krum"})
 
 State = dict[str, np.ndarray]
 Evaluator = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
@@ -95,6 +99,18 @@ class HubSettings:
     server_beta1: float = field(default=0.9, metadata={"help": "fedadam: first-moment decay"})
     server_beta2: float = field(default=0.99, metadata={"help": "fedadam: second-moment decay"})
     server_epsilon: float = field(default=1e-3, metadata={"help": "fedadam: adaptivity τ added to sqrt(v)"})
+    aggregator: str = field(
+        default="fedavg",
+        metadata={"help": "rule that makes the pseudo-gradient: " + ", ".join(AGGREGATORS) + " (ffm_hub.robust)"},
+    )
+    trim_fraction: float = field(default=0.1, metadata={"help": "trimmed_mean: share cut from each end, [0, 0.5)"})
+    krum_f: int = field(default=1, metadata={"help": "krum, multi_krum: attackers tolerated (tau > 2f + 2)"})
+    krum_m: int = field(default=1, metadata={"help": "multi_krum: lowest-scoring updates averaged (<= tau - f)"})
+    dp_clip: float = field(default=1.0, metadata={"help": "dp_fedavg: L2 norm C each whole update is clipped to"})
+    dp_noise_multiplier: float = field(default=1.0, metadata={"help": "dp_fedavg: z in sigma = z * C / tau"})
+    dp_seed: int | None = field(
+        default=None, metadata={"help": "dp_fedavg: seed of the noise (None: OS entropy; a known seed voids privacy)"}
+    )
     global_codec: str = field(default="fp32", metadata={"help": "codec of published global versions"})
     chunk_size: int = field(default=128 * 1024, metadata={"help": "bytes per MQTT message for large frames"})
     publish_timeout: float = 30.0
@@ -136,6 +152,21 @@ class HubSettings:
                 self.make_server_optimizer()
             except ConfigError as exc:
                 errors.append(str(exc))
+        errors.extend(
+            check_aggregator(
+                self.aggregator,
+                tau=self.tau,
+                trim_fraction=self.trim_fraction,
+                krum_f=self.krum_f,
+                krum_m=self.krum_m,
+                dp_clip=self.dp_clip,
+                dp_noise_multiplier=self.dp_noise_multiplier,
+            )
+        )
+        if self.dp_seed is not None and (isinstance(self.dp_seed, bool) or not isinstance(self.dp_seed, int)):
+            errors.append(f"dp_seed must be an integer or None, got {self.dp_seed!r}")
+        elif self.dp_seed is not None and self.dp_seed < 0:
+            errors.append(f"dp_seed must be >= 0, got {self.dp_seed}")
         if not 1024 <= self.chunk_size <= self.limits.max_chunk_bytes:
             errors.append(f"chunk_size must be in [1024, {self.limits.max_chunk_bytes}], got {self.chunk_size}")
         if errors:
@@ -184,6 +215,11 @@ class Hub:
         self._strategy_tensors = (
             {name: frozenset(names) for name, names in strategy_tensors.items()} if strategy_tensors else None
         )
+        if settings.aggregator in _WHOLE_UPDATE and len(set((self._strategy_tensors or {}).values())) > 1:
+            raise ConfigError(
+                f"aggregator {settings.aggregator} compares whole updates and cannot mix strategies that train "
+                "different tensors; use median or trimmed_mean in a mixed federation"
+            )
         self._variant_cache: dict[tuple[int, str], bytes] = {}
         self._central_step = central_step  # optimization on the hub's public data (the paper's FFM)
         self._policy = policy
@@ -584,6 +620,9 @@ class Hub:
         unknown = sorted(set(tensors) - set(self._global))
         if unknown or not tensors:
             return "unknown_tensors", f"not in the global model: {unknown[:3]}" if unknown else "no tensors"
+        if self.settings.aggregator in _WHOLE_UPDATE and set(tensors) != set(self._global):
+            missing = sorted(set(self._global) - set(tensors))
+            return "unknown_tensors", f"{self.settings.aggregator} needs every global tensor; missing {missing[:3]}"
         for name, value in tensors.items():
             if value.shape != self._global[name].shape:
                 return "shape_mismatch", f"{name}: {value.shape} != {self._global[name].shape}"
@@ -597,16 +636,26 @@ class Hub:
             return
         started = time.perf_counter()
         partial = PartialSum()
+        robust = self.settings.aggregator != "fedavg"
+        deltas: list[Mapping[str, np.ndarray]] = []
         staleness = [self.current_version - item.base_version for item in queued]
         for item, behind in zip(queued, staleness, strict=True):
             _meta, tensors = decode_update(self.store.load_update(item.update_id), limits=self.settings.limits)
+            if robust:  # robust rules are unweighted: neither sample counts nor staleness weigh in
+                deltas.append(tensors)
+                continue
             weight = staleness_weight(behind, kind=self.settings.staleness, alpha=self.settings.staleness_alpha)
             partial.add(tensors, float(item.num_samples) * weight)
+        robust_metrics: dict[str, float] = {}
+        if robust:
+            mean_delta, robust_metrics = self._robust_mean(deltas)
+        else:
+            mean_delta = partial.mean()
         buffers_before = self._optimizer.state_dict()
-        state = self._optimizer.step(self._global, partial.mean())
+        state = self._optimizer.step(self._global, mean_delta)
         aggregation_s = time.perf_counter() - started
         crash_point("aggregating")
-        kind = self._optimizer.name
+        kind = f"{self.settings.aggregator}+{self._optimizer.name}" if robust else self._optimizer.name
         state, central_steps, central_s, heldout = self._central_phase(state)
         if central_steps:
             kind += "+central"
@@ -626,6 +675,7 @@ class Hub:
                 "mean_staleness": float(sum(staleness) / len(staleness)),
             }
         )
+        metrics.update(robust_metrics)  # this round's aggregation parameters, even when the policy reverted
         parent = self.current_version
         record = self._commit(state, parent=parent, kind=kind, consumed=[q.update_id for q in queued], metrics=metrics)
         self._bytes_in = self._bytes_out = 0
@@ -633,6 +683,23 @@ class Hub:
         self._publish_manifest()
         if self._on_version is not None:
             self._on_version(record)
+
+    def _robust_mean(self, deltas: list[Mapping[str, np.ndarray]]) -> tuple[State, dict[str, float]]:
+        """The configured robust or private pseudo-gradient, and the parameters to record with it."""
+        s = self.settings
+        version = self.current_version + 1
+        # Seeded per version, so a resumed hub redraws the same noise for the same version.
+        rng = np.random.default_rng(None if s.dp_seed is None else [s.dp_seed, version])
+        return robust_aggregate(
+            s.aggregator,
+            deltas,
+            trim_fraction=s.trim_fraction,
+            krum_f=s.krum_f,
+            krum_m=s.krum_m,
+            dp_clip=s.dp_clip,
+            dp_noise_multiplier=s.dp_noise_multiplier,
+            rng=rng,
+        )
 
     def _central_phase(self, state: State) -> tuple[State, int, float, dict[str, float] | None]:
         """Central steps on public data after an aggregation.

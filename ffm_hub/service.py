@@ -43,6 +43,13 @@ class ServeOptions:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_epsilon: float = 1e-3
+    aggregator: str = "fedavg"  # fedavg | median | trimmed_mean | krum | multi_krum | dp_fedavg (ffm_hub.robust)
+    trim_fraction: float = 0.1
+    krum_f: int = 1
+    krum_m: int = 1
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_seed: int | None = None  # None: OS entropy (a known seed lets anyone strip the noise)
     staleness: str = "polynomial"
     staleness_alpha: float = 0.5
     max_staleness: int | None = None
@@ -144,6 +151,13 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         server_beta1=opts.server_beta1,
         server_beta2=opts.server_beta2,
         server_epsilon=opts.server_epsilon,
+        aggregator=opts.aggregator,
+        trim_fraction=opts.trim_fraction,
+        krum_f=opts.krum_f,
+        krum_m=opts.krum_m,
+        dp_clip=opts.dp_clip,
+        dp_noise_multiplier=opts.dp_noise_multiplier,
+        dp_seed=opts.dp_seed,
         staleness=opts.staleness,
         staleness_alpha=opts.staleness_alpha,
         max_staleness=opts.max_staleness,

@@ -14,6 +14,7 @@ import numpy as np
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport, Transport
 from ffm_edge.wire import (
     ChunkAssembler,
+    Message,
     Topics,
     UpdateMeta,
     decode_message,
@@ -83,7 +84,7 @@ class Device:
         self.send_frame(encode_update(meta, delta), meta.update_id)
         return meta.update_id
 
-    def control(self, message: object) -> None:
+    def control(self, message: Message) -> None:
         self.transport.publish(self.topics.uplink_control(self.id), encode_message(message))
 
     def next(self, kind: type, timeout: float = 10.0) -> object:
