@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ffm_edge.errors import FFMError
 from ffm_edge.logs import LOG_FORMATS, setup_logging
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", default=None, help="this device's id (default: edge-<shard index>)")
     run.add_argument("--federation", default="default", help="federation name (must match the hub's)")
     run.add_argument("--broker", default=None, help="mqtt://host:port; without it the hub is found with zeroconf")
+    run.add_argument("--username", default=None,
+                     help="broker username (default with --password-file or --tls-cert: the device id)")  # fmt: skip
+    run.add_argument("--password-file", default=None, help="file holding the broker password (passwords/<device>)")
+    run.add_argument("--tls-ca", default=None, help="CA of the broker's TLS certificate (turns TLS on; ca.crt)")
+    run.add_argument("--tls-cert", default=None, help="TLS client certificate (clients/<device>.crt)")
+    run.add_argument("--tls-key", default=None, help="key of --tls-cert")
     run.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
     run.add_argument(
         "--strategy",
@@ -152,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the newest N local examples, a sliding window over data that keep arriving "
         "(default: keep every example)",
     )
+    run.add_argument("--device-key", default=None, metavar="FILE",
+                     help="sign every update with this private key (ffm-edge keygen; enrolled on the hub)")  # fmt: skip
+    run.add_argument("--hub-key", default=None, metavar="FILE",
+                     help="the hub's public key: refuse manifests and global versions it did not sign")  # fmt: skip
+    keygen = sub.add_parser("keygen", help="write a device signing key: OUT/NAME.key (0600) and OUT/NAME.pub")
+    keygen.add_argument("--out", required=True, help="folder to write (created)")
+    keygen.add_argument("--name", default="device", help="file name stem, e.g. the device id (default: device)")
     prof = sub.add_parser(
         "profile",
         help="print what this device can do (RAM, budget, cores, accelerator, bitsandbytes, onnxruntime)",
@@ -346,6 +360,28 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_login(args: argparse.Namespace, device_id: str) -> dict[str, Any]:
+    """EdgeClient's broker_* arguments from --username/--password-file/--tls-*; none by default."""
+    from pathlib import Path
+
+    from ffm_edge.errors import ConfigError
+    from ffm_edge.transport.mqtt import TlsOptions
+
+    password = None
+    if args.password_file is not None:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the broker password from {args.password_file}: {exc}") from exc
+    username = args.username
+    if username is None and (password is not None or args.tls_cert is not None):
+        username = device_id
+    tls = None
+    if args.tls_ca is not None or args.tls_cert is not None:
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
+    return {"broker_username": username, "broker_password": password, "broker_tls": tls}
+
+
 def _run(args: argparse.Namespace) -> int:
     from ffm_edge.client import EdgeClient, ProgressEvent, RoundResult
     from ffm_edge.data import describe, dirichlet_partition, load_split, reveal_stream
@@ -424,6 +460,9 @@ def _run(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         ort_artifacts=ort_artifacts,
         threads=args.threads,
+        device_key=args.device_key,
+        hub_public_key=args.hub_key,
+        **_broker_login(args, device_id),
     )
     log.info("%s trains %s on the %s runtime", device_id, client.trainer.strategy.name, client.runtime)
     signal.signal(signal.SIGTERM, lambda *_: client.stop())
@@ -433,6 +472,16 @@ def _run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     log.info("%s finished %d rounds", device_id, len(results))
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ffm_edge.signing import write_keypair
+
+    private, public = write_keypair(args.out, args.name)
+    print(f"private key {private} (stays on the device: ffm-edge run --device-key)")
+    print(f"public key  {public} (enroll it on the hub: ffm-hub enroll DEVICE_ID {public})")
+    print(public.read_text(encoding="utf-8").strip())
     return 0
 
 
@@ -455,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ort_build(args)
         if args.command == "ort-fetch":
             return _ort_fetch(args)
+        if args.command == "keygen":
+            return _keygen(args)
     except FFMError as exc:
         log.error("%s", exc)
         return 2

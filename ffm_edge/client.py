@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ffm_edge.data import LabeledData, check_same_task, concat_data
-from ffm_edge.errors import ConfigError, DecodeError, FFMError, RejectedUpdateError, TransportError
+from ffm_edge.errors import (
+    ConfigError,
+    DecodeError,
+    FFMError,
+    RejectedUpdateError,
+    SignatureError,
+    TransportError,
+)
 from ffm_edge.outbox import Outbox
 from ffm_edge.runtime import RUNTIMES, Trainer, TrainReport, torch_available
 from ffm_edge.spec import ModelSpec, load_model_spec
@@ -53,8 +60,11 @@ from ffm_edge.wire import (
 )
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
     from ffm_edge.planner import Plan
     from ffm_edge.strategies import Strategy
+    from ffm_edge.transport.mqtt import TlsOptions
 
 __all__ = ["ClientStopped", "EdgeClient", "PreparedUpdate", "ProgressEvent", "RoundResult"]
 
@@ -151,6 +161,11 @@ class EdgeClient:
         runtime: str = "auto",
         ort_artifacts: str | Path | None = None,
         threads: int | None = None,
+        device_key: Ed25519PrivateKey | str | Path | None = None,
+        hub_public_key: Ed25519PublicKey | str | Path | None = None,
+        broker_username: str | None = None,
+        broker_password: str | None = None,
+        broker_tls: TlsOptions | None = None,
     ) -> None:
         try:
             validate_id(device_id, "device id")
@@ -191,12 +206,18 @@ class EdgeClient:
         self.wait_for_new_version = wait_for_new_version
         self.heartbeat_interval = heartbeat_interval
         self.discovery_timeout = discovery_timeout
+        # Broker login (``ffm-hub broker-config``: the username is the device id); TLS also with mqtts://.
+        self._broker_login = (broker_username, broker_password, broker_tls)
         self.on_progress = on_progress
         self.on_round = on_round
         root = Path(state_dir) if state_dir is not None else Path(tempfile.gettempdir()) / "ffm-edge" / device_id
         self.outbox = Outbox(root / "outbox")
         self.plan: Plan | None = None
         self.ort_artifacts = Path(ort_artifacts) if ort_artifacts is not None else None
+        # Signed updates and hub signatures (ffm_edge.signing): with ``device_key`` every upload is signed;
+        # with ``hub_public_key`` manifests and global frames must carry the hub's valid signature.
+        self._device_key, self._hub_key = _load_keys(device_key, hub_public_key)
+        self._manifest_refusal: str | None = None
         runtimes = self._usable_runtimes(runtime)
         micro_batch_size = None
         chosen = runtimes[0]
@@ -398,9 +419,13 @@ class EdgeClient:
                 url = hub.broker_url
             address = parse_broker_url(url)
             presence = self.topics.presence(self.device_id)
+            username, password, tls = self._broker_login
             self._transport = MqttTransport(
                 address.host,
                 address.port,
+                username=username,
+                password=password,
+                tls=tls if tls is not None else address.tls,
                 client_id=f"ffm-edge-{self.device_id}",
                 will=(presence, b"offline", True),
                 online=(presence, b"online", True),
@@ -457,7 +482,9 @@ class EdgeClient:
             log.warning("ignoring an unreadable message on %s: %s", topic, exc)
             return
         with self._cond:
-            if isinstance(message, Manifest):
+            if isinstance(message, Manifest) and not self._manifest_trusted(message):
+                pass  # refused (logged); latest_manifest says why if no trusted one arrives
+            elif isinstance(message, Manifest):
                 if message.federation == self.federation and (
                     self._manifest is None or message.version > self._manifest.version
                 ):
@@ -505,6 +532,8 @@ class EdgeClient:
                     return self._manifest
             if time.monotonic() >= deadline:
                 what = "a manifest" if newer_than is None else f"a version newer than {newer_than}"
+                if self._manifest_refusal is not None:
+                    raise SignatureError(f"no trusted {what} within {timeout:.0f}s: {self._manifest_refusal}")
                 raise TransportError(f"no {what} from the hub within {timeout:.0f}s")
             self._say_hello()
 
@@ -549,7 +578,25 @@ class EdgeClient:
     def _pull_done(self, transfer_id: str) -> bool:
         return transfer_id in self._pull_frames or transfer_id in self._pull_errors
 
+    def _manifest_trusted(self, manifest: Manifest) -> bool:
+        """With the hub's key, only a manifest it signed counts (a broker or a discovery answer is no proof)."""
+        if self._hub_key is None:
+            return True
+        from ffm_edge.signing import verify_record
+
+        try:
+            verify_record("manifest", manifest.to_dict(), self._hub_key)
+        except SignatureError as exc:
+            self._manifest_refusal = str(exc)
+            log.warning("%s: refusing a manifest: %s", self.device_id, exc)
+            return False
+        return True
+
     def _load_global(self, frame: bytes) -> int:
+        if self._hub_key is not None:
+            from ffm_edge.signing import verify_global_frame
+
+            verify_global_frame(frame, self._hub_key)  # SignatureError: never load what the hub did not sign
         meta, state = decode_global(frame)
         if meta.federation != self.federation:
             raise TransportError(f"hub sent a version of federation {meta.federation!r}")
@@ -575,6 +622,11 @@ class EdgeClient:
 
     def _deliver(self, update_id: str, frame: bytes) -> Receipt:
         transport = self._require_transport()
+        if self._device_key is not None:
+            from ffm_edge.signing import sign_update_frame
+
+            # Signed when sent, not when trained: the timestamp must be fresh after a stay in the outbox.
+            frame = sign_update_frame(frame, self._device_key)
         chunks = split_frame(frame, chunk_size=self.chunk_size, transfer_id=update_id)
         for attempt in range(1, self.max_send_attempts + 1):
             for i, chunk in enumerate(chunks, 1):
@@ -713,3 +765,16 @@ class EdgeClient:
     def _progress(self, stage: str, done: int, total: int, detail: str = "") -> None:
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(stage, done, total, detail))
+
+
+def _load_keys(
+    device_key: Ed25519PrivateKey | str | Path | None, hub_key: Ed25519PublicKey | str | Path | None
+) -> tuple[Ed25519PrivateKey | None, Ed25519PublicKey | None]:
+    """Keys given as objects or file paths; cryptography is imported only when signing is used."""
+    if device_key is None and hub_key is None:
+        return None, None
+    from ffm_edge.signing import load_private_key, load_public_key
+
+    private = load_private_key(device_key) if isinstance(device_key, str | Path) else device_key
+    public = load_public_key(hub_key) if isinstance(hub_key, str | Path) else hub_key
+    return private, public

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactRejectedError",
+    "AuthError",
     "BrokerError",
     "ChunkError",
     "ConfigError",
@@ -24,6 +25,7 @@ __all__ = [
     "OversizedError",
     "ProtocolVersionError",
     "RejectedUpdateError",
+    "SignatureError",
     "TransportError",
     "TruncatedError",
 ]
@@ -94,12 +96,20 @@ class TransportError(FFMError):
     """The message transport failed (connect, publish, timeout)."""
 
 
+class AuthError(TransportError):
+    """The broker refused this client's credentials or certificate (bad username/password, not authorized)."""
+
+
 class BrokerError(TransportError):
     """A managed MQTT broker could not be started or stopped."""
 
 
 class DiscoveryError(TransportError):
     """No hub was found on the local network in time."""
+
+
+class SignatureError(FFMError):
+    """A signature is missing, malformed or does not verify with the expected key (update, manifest, frame)."""
 
 
 class RejectedUpdateError(FFMError):

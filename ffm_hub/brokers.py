@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import IO, Any, ClassVar
 
 from ffm_edge.errors import BrokerError, ConfigError
+from ffm_hub.security import BrokerSecurity, amqtt_acls, mosquitto_security_lines
 
 __all__ = [
     "AmqttBroker",
@@ -77,9 +78,16 @@ class ManagedBroker(abc.ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, port: int = 0, bind: str = "127.0.0.1", start_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        bind: str = "127.0.0.1",
+        start_timeout: float = 10.0,
+        security: BrokerSecurity | None = None,
+    ) -> None:
         if not 0 <= port < 65536:
             raise ConfigError(f"invalid broker port {port}")
+        self.security = security  # None: anonymous, plain TCP (the default)
         self._bind = bind
         self._port = port  # 0 until the first start picks one; then kept across restarts
         self._auto_port = port == 0
@@ -102,9 +110,10 @@ class ManagedBroker(abc.ABC):
 
     @property
     def url(self) -> str:
-        """``mqtt://host:port`` for :func:`ffm_edge.transport.parse_broker_url`."""
+        """``mqtt://host:port`` (``mqtts://`` with TLS) for :func:`ffm_edge.transport.parse_broker_url`."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self._port}"
+        scheme = "mqtts" if self.security is not None and self.security.tls is not None else "mqtt"
+        return f"{scheme}://{host}:{self._port}"
 
     @property
     @abc.abstractmethod
@@ -175,8 +184,9 @@ class MosquittoBroker(ManagedBroker):
         workdir: Path | None = None,
         binary: str | None = None,
         start_timeout: float = 10.0,
+        security: BrokerSecurity | None = None,
     ) -> None:
-        super().__init__(port, bind, start_timeout)
+        super().__init__(port, bind, start_timeout, security)
         self._binary = binary
         self._workdir = Path(workdir) if workdir is not None else None
         self._own_workdir = False
@@ -213,11 +223,19 @@ class MosquittoBroker(ManagedBroker):
 
     def _config(self, port: int) -> str:
         bind = self._bind or "0.0.0.0"
+        if self.security is None:
+            access = ["allow_anonymous true"]
+        else:
+            access = mosquitto_security_lines(self.security)
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                # Started by root, mosquitto drops to the `mosquitto` user before reading the password
+                # file and key, which may sit in a folder only root can enter; stay the hub's user.
+                access.append("user root")
         return "\n".join(
             [
                 "# written by ffm_hub.brokers.MosquittoBroker",
                 f"listener {port} {bind}",
-                "allow_anonymous true",
+                *access,
                 "persistence false",
                 "log_dest stderr",
                 "log_type error",
@@ -326,8 +344,19 @@ class AmqttBroker(ManagedBroker):
 
     kind = "amqtt"
 
-    def __init__(self, port: int = 0, bind: str = "127.0.0.1", start_timeout: float = 10.0) -> None:
-        super().__init__(port, bind, start_timeout)
+    def __init__(
+        self,
+        port: int = 0,
+        bind: str = "127.0.0.1",
+        start_timeout: float = 10.0,
+        security: BrokerSecurity | None = None,
+    ) -> None:
+        if security is not None and security.client_certs:
+            raise ConfigError(
+                "amqtt cannot require client certificates or take the username from one (its TLS "
+                "listener verifies them only optionally): use Mosquitto, or password authentication"
+            )
+        super().__init__(port, bind, start_timeout, security)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -341,9 +370,29 @@ class AmqttBroker(ManagedBroker):
     def _config(self, port: int) -> dict[str, Any]:
         bind = self._bind or "0.0.0.0"
         address = f"[{bind}]" if ":" in bind else bind
+        listener: dict[str, Any] = {"type": "tcp", "bind": f"{address}:{port}"}
+        security = self.security
+        if security is None:
+            return {
+                "listeners": {"default": listener},
+                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            }
+        if security.tls is not None:
+            listener.update(
+                ssl=True,
+                cafile=str(security.tls.ca_file),
+                certfile=str(security.tls.cert_file),
+                keyfile=str(security.tls.key_file),
+            )
+        subscribe, publish = amqtt_acls(security.federation, security.devices, security.hub_user)
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{address}:{port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "listeners": {"default": listener},
+            "plugins": {
+                "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(security.amqtt_password_file)},
+                # amqtt 0.12's Config dataclass for this plugin knows `acl` (subscriptions) and
+                # `publish_acl` only; its `receive-acl` cannot be set through it.
+                "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {"acl": subscribe, "publish_acl": publish},
+            },
         }
 
     def start(self) -> None:
@@ -436,9 +485,11 @@ def start_managed_broker(
     port: int = 0,
     bind: str = "127.0.0.1",
     workdir: Path | None = None,
+    security: BrokerSecurity | None = None,
 ) -> ManagedBroker:
     """Start the broker the hub manages: ``"auto"`` (Mosquitto if installed, else amqtt), ``"mosquitto"``
-    or ``"amqtt"``; returns it started. Logs which one was chosen and why.
+    or ``"amqtt"``; returns it started. Logs which one was chosen and why. ``security`` (from
+    :func:`ffm_hub.security.load_broker_security`) turns on authentication, ACLs and TLS.
     """
     choice = prefer.strip().lower()
     if choice not in ("auto", "mosquitto", "amqtt"):
@@ -448,7 +499,7 @@ def start_managed_broker(
         binary = find_mosquitto()
         if binary is not None:
             log.info("starting mosquitto (%s)%s", binary, " (found on this machine)" if choice == "auto" else "")
-            broker = MosquittoBroker(port=port, bind=bind, workdir=workdir, binary=binary)
+            broker = MosquittoBroker(port=port, bind=bind, workdir=workdir, binary=binary, security=security)
             broker.start()
             return broker
         if choice == "mosquitto":
@@ -460,6 +511,6 @@ def start_managed_broker(
         )
     else:
         log.info("starting the in-process amqtt broker (requested)")
-    broker = AmqttBroker(port=port, bind=bind)
+    broker = AmqttBroker(port=port, bind=bind, security=security)
     broker.start()
     return broker

@@ -9,9 +9,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ffm_edge.errors import FFMError
 from ffm_edge.logs import LOG_FORMATS, setup_logging
+
+if TYPE_CHECKING:
+    from ffm_hub.service import ServeOptions
 
 __all__ = ["main"]
 
@@ -115,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="managed broker to run when --broker is not given")  # fmt: skip
     serve.add_argument("--broker-port", type=int, default=1883, help="port of the managed broker (0 = any)")
     serve.add_argument("--broker-bind", default="127.0.0.1", help="address the managed broker listens on")
+    serve.add_argument("--secure", type=Path, default=None, metavar="DIR",
+                       help="run the managed broker with the credentials, ACLs and TLS of a `broker-config` "
+                       "folder (the hub logs in as its hub user)")  # fmt: skip
+    serve.add_argument("--broker-username", default=None, help="username on --broker")
+    serve.add_argument("--broker-password-file", type=Path, default=None, help="file holding the password")
+    serve.add_argument("--broker-tls-ca", type=Path, default=None, help="CA of --broker's TLS certificate")
+    serve.add_argument("--broker-tls-cert", type=Path, default=None, help="client certificate for --broker")
+    serve.add_argument("--broker-tls-key", type=Path, default=None, help="key of --broker-tls-cert")
     serve.add_argument("--eval-limit", type=int, default=500, help="held-out examples evaluated per version")
     serve.add_argument("--data-dir", default=None, help="GLUE-format data folder (default: $FFM_DATA_DIR)")
     serve.add_argument("--no-advertise", action="store_true", help="do not advertise the hub with zeroconf")
@@ -124,8 +136,48 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve ONNX Runtime training artifacts to devices that ask (built on the first request "
                        "per strategy from the current global version, cached in STATE_DIR/ort-artifacts; needs "
                        "the ort extra)")  # fmt: skip
+    serve.add_argument("--require-signatures", action="store_true",
+                       help="accept only updates signed by an enrolled device key (ffm-hub enroll)")  # fmt: skip
+    serve.add_argument("--enrolled-keys", type=Path, default=None, metavar="DIR",
+                       help="folder of <device_id>.pub files (default: STATE_DIR/enrolled-keys)")  # fmt: skip
+    serve.add_argument("--hub-key", type=Path, default=None, metavar="FILE",
+                       help="the hub's private key (ffm-hub keygen): signs manifests and global versions")  # fmt: skip
+    serve.add_argument("--timestamp-tolerance", type=float, default=None, metavar="SECONDS",
+                       help="largest clock difference of a signed update (default 300)")  # fmt: skip
+
+    keygen = sub.add_parser("keygen", help="write the hub's Ed25519 signing key (OUT/hub.key 0600, OUT/hub.pub)")
+    keygen.add_argument("--out", type=Path, required=True, help="folder to write (created)")
+    keygen.add_argument("--name", default="hub", help="file name stem (default: hub)")
+    enroll = sub.add_parser("enroll", help="enroll a device's public key (copied to ENROLLED_KEYS/DEVICE_ID.pub)")
+    enroll.add_argument("device_id", help="the device's id")
+    enroll.add_argument("public_key", type=Path, help="the device's .pub file (ffm-edge keygen)")
+    enroll.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="the hub's state folder")
+    enroll.add_argument("--enrolled-keys", type=Path, default=None, metavar="DIR",
+                        help="enrolled-keys folder (default: STATE_DIR/enrolled-keys)")  # fmt: skip
 
     sub.add_parser("example-config", help="print a commented hub.toml with every setting and its default")
+
+    bc = sub.add_parser(
+        "broker-config",
+        help="write a secured Mosquitto deployment: config, passwords, per-device ACLs, TLS files",
+        formatter_class=fmt,
+        description="Write a ready Mosquitto deployment into DIR: mosquitto.conf (no anonymous access), a "
+        "password file, an ACL file with which a device writes only its own uplink and presence and reads "
+        "only its own downlink and the global topics, credentials.txt and passwords/<user> (0600, for "
+        "distribution), and with --tls a self-signed CA and broker certificate. `ffm-hub serve --secure DIR` "
+        "runs the managed broker with the same rules.",
+    )
+    bc.add_argument("--out", type=Path, required=True, help="folder to write (created)")
+    bc.add_argument("--federation", required=True, help="federation name")
+    bc.add_argument("--devices", required=True, help="comma-separated device ids (their MQTT usernames)")
+    bc.add_argument("--hub-user", default="hub", help="username of the hub")
+    bc.add_argument("--port", type=int, default=None, help="listener port (default: 8883 with --tls, else 1883)")
+    bc.add_argument("--bind", default="0.0.0.0", help="listener address")
+    bc.add_argument("--tls", action="store_true", help="TLS listener with a generated CA and broker certificate")
+    bc.add_argument("--client-certs", action="store_true",
+                    help="require client certificates (CN = username) instead of passwords; implies --tls")  # fmt: skip
+    bc.add_argument("--hostname", action="append", default=[],
+                    help="name or IP clients dial (repeatable; localhost and 127.0.0.1 always)")  # fmt: skip
 
     status = sub.add_parser(
         "status",
@@ -202,6 +254,8 @@ def _serve(args: argparse.Namespace) -> int:
         opts = config.options
         if args.ort_artifacts:
             opts.ort_artifacts = True
+        if args.secure is not None:
+            opts.secure = args.secure
         metrics_port = metrics_port if metrics_port is not None else config.metrics_port
         metrics_bind = config.metrics_bind if args.metrics_bind == "127.0.0.1" else args.metrics_bind
         threads = threads or config.threads
@@ -244,7 +298,14 @@ def _serve(args: argparse.Namespace) -> int:
             seed=args.seed,
             advertise=not args.no_advertise,
             ort_artifacts=args.ort_artifacts,
+            secure=args.secure,
+            broker_username=args.broker_username,
+            broker_password_file=args.broker_password_file,
+            broker_tls_ca=args.broker_tls_ca,
+            broker_tls_cert=args.broker_tls_cert,
+            broker_tls_key=args.broker_tls_key,
         )
+    _apply_signing_flags(opts, args)
     if threads:
         import torch
 
@@ -253,6 +314,59 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     serve(opts, stop, metrics_port=metrics_port, metrics_bind=metrics_bind)
+    return 0
+
+
+def _apply_signing_flags(opts: ServeOptions, args: argparse.Namespace) -> None:
+    """Signed-update flags override the config file (they only ever turn checks on)."""
+    if args.require_signatures:
+        opts.require_signatures = True
+    if args.enrolled_keys is not None:
+        opts.enrolled_keys = args.enrolled_keys
+    if args.hub_key is not None:
+        opts.hub_key = args.hub_key
+    if args.timestamp_tolerance is not None:
+        opts.timestamp_tolerance = args.timestamp_tolerance
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ffm_edge.signing import write_keypair
+
+    private, public = write_keypair(args.out, args.name)
+    print(f"private key {private} (keep it on the hub: serve --hub-key)")
+    print(f"public key  {public} (give it to devices: ffm-edge run --hub-key)")
+    print(public.read_text(encoding="utf-8").strip())
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from ffm_hub.signing import enroll_device
+
+    folder = args.enrolled_keys if args.enrolled_keys is not None else args.state_dir / "enrolled-keys"
+    print(f"enrolled {args.device_id}: {enroll_device(folder, args.device_id, args.public_key)}")
+    return 0
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    from ffm_hub.security import write_broker_config
+
+    tls = args.tls or args.client_certs
+    port = args.port if args.port is not None else (8883 if tls else 1883)
+    hostnames = ("localhost", "127.0.0.1", *args.hostname)
+    security = write_broker_config(
+        args.out,
+        args.federation,
+        args.devices.split(","),
+        hub_user=args.hub_user,
+        port=port,
+        bind=args.bind,
+        tls=tls,
+        client_certs=args.client_certs,
+        hostnames=hostnames,
+    )
+    print(f"wrote {args.out}/mosquitto.conf for {len(security.devices)} device(s) of {security.federation}")
+    print(f"run:        mosquitto -c {args.out.resolve()}/mosquitto.conf")
+    print(f"credentials: {security.credentials_file} (0600; give each device its passwords/<device> file)")
     return 0
 
 
@@ -347,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "demo": _demo,
         "example-config": _example_config,
+        "broker-config": _broker_config,
+        "keygen": _keygen,
+        "enroll": _enroll,
         "experiment": _experiment,
     }
     try:

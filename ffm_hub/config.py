@@ -251,6 +251,23 @@ FIELDS: tuple[ConfigField, ...] = (
                 "port the managed broker listens on (0 = any free port)", check=_between(0, 65535)),
     ConfigField("broker", "bind", "broker_bind", "str", _D.broker_bind,
                 "address the managed broker listens on (0.0.0.0 = every interface)", check=_non_empty),
+    ConfigField("broker", "username", "broker_username", "str", _D.broker_username,
+                "username on the existing broker (url)", example="hub", check=_non_empty),
+    ConfigField("broker", "password_file", "broker_password_file", "path", None,
+                "file holding the password on the existing broker", example="/srv/ffm/broker/passwords/hub",
+                check=_non_empty),
+    ConfigField("broker", "tls_ca", "broker_tls_ca", "path", None,
+                "CA of the existing broker's TLS certificate (mqtts:// urls use the system's CAs without it)",
+                example="/srv/ffm/broker/ca.crt", check=_non_empty),
+    ConfigField("broker", "tls_cert", "broker_tls_cert", "path", None,
+                "TLS client certificate for the existing broker", example="/srv/ffm/broker/clients/hub.crt",
+                check=_non_empty),
+    ConfigField("broker", "tls_key", "broker_tls_key", "path", None,
+                "key of tls_cert", example="/srv/ffm/broker/clients/hub.key", check=_non_empty),
+    ConfigField("security", "dir", "secure", "path", None,
+                "folder written by `ffm-hub broker-config`: the managed broker enforces its passwords, "
+                "per-device ACLs and TLS, and the hub logs in as its hub user; leave out for an open broker",
+                example="/srv/ffm/broker", check=_non_empty),
     ConfigField("evaluation", "limit", "eval_limit", "int", _D.eval_limit,
                 "held-out examples evaluated per global version (0 = all of them)",
                 check=_at_least(0), zero_is_none=True),
@@ -263,6 +280,17 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("storage", "keep_versions", "keep_versions", "int", _D.keep_versions,
                 "keep only the newest N global versions on disk; leave out to keep every version",
                 example=20, check=_at_least(1)),
+    ConfigField("signing", "require_signatures", "require_signatures", "bool", _D.require_signatures,
+                "accept only updates signed by an enrolled device key; others are refused as unknown_device, "
+                "bad_signature, replayed or stale_timestamp"),
+    ConfigField("signing", "enrolled_keys", "enrolled_keys", "path", None,
+                "folder of <device_id>.pub files (ffm-hub enroll); leave out to use state_dir/enrolled-keys",
+                example="/srv/ffm/enrolled-keys", check=_non_empty),
+    ConfigField("signing", "hub_key", "hub_key", "path", None,
+                "the hub's Ed25519 private key (ffm-hub keygen): signs manifests and served global versions",
+                example="/srv/ffm/hub.key", check=_non_empty),
+    ConfigField("signing", "timestamp_tolerance", "timestamp_tolerance", "float", _D.timestamp_tolerance,
+                "seconds a signed update's timestamp may differ from the hub's clock", check=_positive_finite),
     ConfigField("metrics", "port", "metrics_port", "int", 0,
                 "port of the Prometheus /metrics endpoint (0 = no metrics endpoint)",
                 check=_between(0, 65535), zero_is_none=True),
@@ -278,8 +306,10 @@ _TABLE_HELP = {
     "switching": "Central optimization on the hub's public data between federated rounds (the paper's FFM).",
     "ort": "Training artifacts for devices on the ONNX Runtime (no torch).",
     "broker": "The MQTT broker: an existing one (url), or one the hub runs itself.",
+    "security": "Broker authentication, per-device topic ACLs and TLS for the managed broker (off by default).",
     "evaluation": "Held-out evaluation of each global version (its accuracy etc.).",
     "storage": "Durable state.",
+    "signing": "Signed updates and replay protection (Ed25519 device keys; off by default).",
     "metrics": "Prometheus metrics over HTTP (GET /metrics).",
     "runtime": "Process settings.",
 }
@@ -411,6 +441,9 @@ def validate_hub_config(data: Mapping[str, Any], *, source: str = "config") -> H
         values["extra_strategies"] = tuple(values["extra_strategies"])
     if "state_dir" in values:
         values["state_dir"] = Path(values["state_dir"])
+    for name in ("enrolled_keys", "hub_key"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
     known = {f.name for f in fields(ServeOptions)}
     assert set(values) <= known, set(values) - known
     return HubConfig(options=ServeOptions(**values), **extra)

@@ -70,6 +70,7 @@ from ffm_hub.switching import ACTIONS, Decision, SwitchingPolicy
 
 if TYPE_CHECKING:
     from ffm_hub.artifacts import ArtifactService
+    from ffm_hub.signing import HubSecurity
 
 __all__ = ["Hub", "HubSettings"]
 
@@ -200,12 +201,14 @@ class Hub:
         policy: SwitchingPolicy | None = None,
         validate: Evaluator | None = None,
         artifacts: ArtifactService | None = None,
+        security: HubSecurity | None = None,
     ) -> None:
         """``evaluate`` gives the metrics stored with each version (e.g. on a test split); ``validate``,
         when given, the held-out public metrics the switching policy decides on (stored as ``heldout_*``),
         so decisions never look at the test split. Without it the policy decides on ``evaluate``.
         ``artifacts``, when given, serves ORT training artifacts to devices that ask for them (without it
-        such requests are refused with the reason ``disabled``)."""
+        such requests are refused with the reason ``disabled``). ``security``, when given, checks device
+        signatures before an update is queued and signs manifests and served frames (ffm_hub.signing)."""
         self.settings = settings
         self.transport = transport
         self.store = store
@@ -228,6 +231,8 @@ class Hub:
         self._optimizer = settings.make_server_optimizer()
         self._on_version = on_version
         self._artifacts = artifacts
+        self._security = security
+        self._signed_frames: dict[tuple[int, str], bytes] = {}  # the newest signed frame served
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._assembler = ChunkAssembler(limits=settings.limits)
         self._worker: threading.Thread | None = None
@@ -476,6 +481,8 @@ class Hub:
             self._reject(device, chunk.transfer_id, _reason(exc), str(exc))
             return
         if completed is not None:
+            if self._security is not None and self._security.require_signatures:
+                self._assembler.forget(completed.transfer_id)  # a resend is reassembled and checked again
             self._on_update(device, completed.transfer_id, completed.data)
 
     def _answer_resend(self, device: str, transfer_id: str, *, last: bool) -> bool:
@@ -486,6 +493,8 @@ class Hub:
             return False
         if accepted is not None and accepted.device != device:
             return False  # not this device's update: validation rejects it
+        if accepted is not None and self._security is not None and self._security.require_signatures:
+            return False  # verify it: only an identical payload is a duplicate, another one is a replay
         if last and accepted is not None:
             queue_length = len(self.store.queued())
             receipt = Receipt(transfer_id, self.current_version, queue_length, True)
@@ -517,6 +526,11 @@ class Hub:
             self._send(self.topics.downlink_control(device), encode_message(error))
             return
         frame = self._frame_for(version, request.strategy)
+        if self._security is not None and self._security.hub_key is not None:
+            key = (version, request.strategy or "")
+            if key not in self._signed_frames:
+                self._signed_frames = {key: self._security.sign_frame(frame)}
+            frame = self._signed_frames[key]
         for chunk in split_frame(frame, chunk_size=self.settings.chunk_size, transfer_id=request.transfer_id):
             self._bytes_out += len(chunk)
             self._send(self.topics.downlink_global(device), chunk)
@@ -555,6 +569,10 @@ class Hub:
             meta, tensors = decode_update(frame, limits=self.settings.limits)
         except DecodeError as exc:
             self._reject(device, transfer_id, _reason(exc), str(exc))
+            return
+        problem = None if self._security is None else self._security.check_update(meta, frame, self.store)
+        if problem is not None:
+            self._reject(device, meta.update_id, *problem)
             return
         problem = self._validate(device, transfer_id, meta, tensors)
         if problem is not None:
@@ -765,7 +783,7 @@ class Hub:
     def _manifest(self) -> Manifest:
         record = self._current
         assert record is not None
-        return Manifest(
+        manifest = Manifest(
             federation=self.settings.federation,
             version=record.version,
             parent=record.parent,
@@ -778,6 +796,7 @@ class Hub:
             metrics=record.metrics,
             tensors=len(self._global),
         )
+        return manifest if self._security is None else self._security.sign_manifest(manifest)
 
     def _publish_manifest(self) -> None:
         self._send(self.topics.manifest(), encode_message(self._manifest()), retain=True)
@@ -793,7 +812,8 @@ class Hub:
         self._count_rejection(reason)
         log.warning("rejected update %s from %s: %s (%s)", update_id, device, reason, detail)
         rejection = Rejection(update_id, reason, detail[:MAX_DETAIL_CHARS])
-        self._recent_rejections[update_id] = rejection
+        if reason not in _UNCACHED_REASONS:  # a forger must not poison the answer to the real device's id
+            self._recent_rejections[update_id] = rejection
         while len(self._recent_rejections) > 4096:  # bounded: oldest first
             self._recent_rejections.pop(next(iter(self._recent_rejections)))
         self._send(self.topics.downlink_control(device), encode_message(rejection))
@@ -801,6 +821,10 @@ class Hub:
     def _count_rejection(self, reason: str) -> None:
         self.counters["rejected"] += 1
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+
+#: Rejections not replayed to a resend: they depend on who signed and when, so each resend is checked anew.
+_UNCACHED_REASONS = frozenset({"unknown_device", "bad_signature", "replayed", "stale_timestamp"})
 
 
 def _reason(exc: FFMError) -> str:

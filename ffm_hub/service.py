@@ -15,12 +15,14 @@ import numpy as np
 from ffm_edge.data import LabeledData, describe, get_task, load_split
 from ffm_edge.errors import ConfigError, DataError
 from ffm_edge.spec import ModelSpec, load_model_spec
-from ffm_edge.transport.mqtt import MqttTransport, parse_broker_url
+from ffm_edge.transport.mqtt import MqttTransport, TlsOptions, parse_broker_url
 from ffm_hub.hub import Hub, HubSettings
+from ffm_hub.security import BrokerSecurity, load_broker_security
 from ffm_hub.store import SqliteStore
 
 if TYPE_CHECKING:
     from ffm_hub.artifacts import ArtifactService
+    from ffm_hub.signing import HubSecurity
 
 __all__ = ["ServeOptions", "running_hub", "serve"]
 
@@ -66,6 +68,12 @@ class ServeOptions:
     broker_kind: str = "auto"
     broker_port: int = 1883
     broker_bind: str = "127.0.0.1"
+    secure: Path | None = None  # a `ffm-hub broker-config` folder: the managed broker enforces it
+    broker_username: str | None = None  # login on an existing broker (--broker)
+    broker_password_file: Path | None = None
+    broker_tls_ca: Path | None = None
+    broker_tls_cert: Path | None = None
+    broker_tls_key: Path | None = None
     eval_limit: int | None = 500
     data_dir: str | None = None
     seed: int = 0
@@ -73,6 +81,11 @@ class ServeOptions:
     chunk_size: int = 128 * 1024
     hub_id: str = "hub"
     ort_artifacts: bool = False  # serve ORT training artifacts to devices that ask (built lazily, cached)
+    # Signed updates (ffm_hub.signing): all off by default.
+    require_signatures: bool = False  # refuse updates not signed by an enrolled device key
+    enrolled_keys: Path | None = None  # folder of <device_id>.pub files
+    hub_key: Path | None = None  # the hub's Ed25519 private key: signs manifests and served frames
+    timestamp_tolerance: float = 300.0  # seconds a signature's timestamp may differ from the hub's clock
 
     @property
     def all_strategies(self) -> tuple[str, ...]:
@@ -83,6 +96,53 @@ class ServeOptions:
         if self.broker_kind not in ("auto", "mosquitto", "amqtt"):
             raise ConfigError(f"broker kind must be auto, mosquitto or amqtt, got {self.broker_kind!r}")
         self.state_dir = Path(self.state_dir)
+        for name in ("secure", "broker_password_file", "broker_tls_ca", "broker_tls_cert", "broker_tls_key"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))  # the TOML loader gives str
+
+
+@dataclass(frozen=True)
+class _BrokerLogin:
+    """How the hub logs in to its broker, and what its managed broker enforces."""
+
+    security: BrokerSecurity | None = None
+    username: str | None = None
+    password: str | None = None
+    tls: TlsOptions | None = None
+
+
+def _broker_login(opts: ServeOptions) -> _BrokerLogin:
+    """With ``secure``, the hub user of that folder; else the --broker-* flags (nothing by default)."""
+    tls_files = (opts.broker_tls_ca, opts.broker_tls_cert, opts.broker_tls_key)
+    if opts.secure is not None:
+        if opts.broker is not None:
+            raise ConfigError("secure configures the managed broker; with an existing broker use the broker_* options")
+        security = load_broker_security(opts.secure)
+        if security.federation != opts.federation:
+            raise ConfigError(f"{opts.secure} was made for federation {security.federation!r}, not {opts.federation!r}")
+        tls = None
+        if security.tls is not None:
+            client_cert, client_key = (str(p) for p in security.client_cert(security.hub_user))
+            if security.client_certs:
+                tls = TlsOptions(str(security.tls.ca_file), client_cert, client_key)
+            else:
+                tls = TlsOptions(str(security.tls.ca_file))
+        password = None if security.client_certs else _read_password(security.password_path(security.hub_user))
+        return _BrokerLogin(security, security.hub_user, password, tls)
+    password = _read_password(opts.broker_password_file) if opts.broker_password_file is not None else None
+    tls = None
+    if any(f is not None for f in tls_files):
+        ca_file, cert_file, key_file = (None if f is None else str(f) for f in tls_files)
+        tls = TlsOptions(ca_file, cert_file, key_file)
+    return _BrokerLogin(None, opts.broker_username, password, tls)
+
+
+def _read_password(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the broker password from {path}: {exc}") from exc
 
 
 def _load_eval_data(opts: ServeOptions) -> LabeledData | None:
@@ -167,10 +227,15 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     artifacts = _artifact_service(opts, spec) if opts.ort_artifacts else None  # fails fast without the ort extra
     public, heldout = _load_public_data(opts)  # before the broker: a bad setting fails fast
+    login = _broker_login(opts)
     with contextlib.ExitStack() as stack:
         if opts.broker is None:
             broker = start_managed_broker(
-                opts.broker_kind, port=opts.broker_port, bind=opts.broker_bind, workdir=opts.state_dir / "broker"
+                opts.broker_kind,
+                port=opts.broker_port,
+                bind=opts.broker_bind,
+                workdir=opts.state_dir / "broker",
+                security=login.security,
             )
             stack.callback(broker.stop)
             url = broker.url
@@ -186,6 +251,9 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
             client_id=f"ffm-hub-{opts.federation}-{opts.hub_id}",
             will=(presence, b"offline", True),
             online=(presence, b"online", True),
+            username=login.username,
+            password=login.password,
+            tls=login.tls if login.tls is not None else address.tls,
         )
         transport.connect()
         stack.callback(transport.close)
@@ -247,6 +315,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
             policy=make_policy(opts.policy, **kwargs) if opts.policy != "fixed" else None,
             validate=validate,
             artifacts=artifacts,
+            security=_security(opts),
         )
         hub.start()
         stack.callback(hub.stop)
@@ -295,3 +364,20 @@ def serve(
                 metrics.stop()
             status.stop()  # a last snapshot, "running": false, while the store is still open
     log.info("hub stopped")
+
+
+def _security(opts: ServeOptions) -> HubSecurity | None:
+    """The hub's signing and checking, or None when neither is configured (today's behaviour)."""
+    if not opts.require_signatures and opts.enrolled_keys is None and opts.hub_key is None:
+        return None
+    from ffm_hub.signing import HubSecurity
+
+    enrolled = opts.enrolled_keys
+    if enrolled is None and (opts.state_dir / "enrolled-keys").is_dir():
+        enrolled = opts.state_dir / "enrolled-keys"  # where `ffm-hub enroll` puts keys by default
+    return HubSecurity.from_files(
+        require_signatures=opts.require_signatures,
+        enrolled_keys=enrolled,
+        hub_key=opts.hub_key,
+        tolerance=opts.timestamp_tolerance,
+    )

@@ -277,9 +277,10 @@ def test_parse_broker_url_rejects(url: str) -> None:
         parse_broker_url(url)
 
 
-def test_tls_is_not_supported_yet() -> None:
-    with pytest.raises(ConfigError, match="TLS is not supported yet"):
-        MqttTransport.from_url("mqtts://secure.lan", "c")
+def test_mqtts_url_turns_tls_on() -> None:
+    transport = MqttTransport.from_url("mqtts://secure.lan", "c")
+    assert transport.tls is not None and transport.url == "mqtts://secure.lan:8883"
+    assert MqttTransport.from_url("mqtt://plain.lan", "c").tls is None
 
 
 # -- a scripted broker: the PUBACK arrives when the test says so --------------------------------------------

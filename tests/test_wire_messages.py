@@ -108,6 +108,10 @@ def test_rejection_reasons_are_the_documented_set() -> None:
         "stale",
         "protocol_version",
         "internal",
+        "unknown_device",
+        "bad_signature",
+        "replayed",
+        "stale_timestamp",
     }
     for reason in REJECTION_REASONS:
         assert decode_message(encode_message(Rejection("u", reason, ""))).reason == reason  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ from ffm_edge.transport.base import (
     validate_topic_filter,
 )
 from ffm_edge.transport.memory import InMemoryBroker, InMemoryTransport
-from ffm_edge.transport.mqtt import BrokerAddress, MqttTransport, parse_broker_url
+from ffm_edge.transport.mqtt import BrokerAddress, MqttTransport, TlsOptions, parse_broker_url
 
 __all__ = [
     "BrokerAddress",
@@ -29,6 +29,7 @@ __all__ = [
     "Presence",
     "PresenceLike",
     "PresenceMessage",
+    "TlsOptions",
     "Transport",
     "parse_broker_url",
     "validate_topic",

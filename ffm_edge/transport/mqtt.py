@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -23,10 +24,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ffm_edge.errors import ConfigError, TransportError
+from ffm_edge.errors import AuthError, ConfigError, TransportError
 from ffm_edge.transport.base import MessageHandler, PresenceLike, Transport
 
-__all__ = ["DEFAULT_PORT", "DEFAULT_TLS_PORT", "BrokerAddress", "MqttTransport", "parse_broker_url"]
+__all__ = ["DEFAULT_PORT", "DEFAULT_TLS_PORT", "BrokerAddress", "MqttTransport", "TlsOptions", "parse_broker_url"]
 
 log = logging.getLogger("ffm.transport")
 
@@ -57,8 +58,7 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     """Parse ``mqtt://host:port``, ``tcp://host:port`` or bare ``host[:port]`` (default port 1883).
 
-    ``mqtts://`` parses (default port 8883) so that the error about TLS can come from the transport,
-    which is where TLS support will land. Anything else raises ConfigError.
+    ``mqtts://`` means TLS (default port 8883). Anything else raises ConfigError.
     """
     text = url.strip() if isinstance(url, str) else ""
     if not text:
@@ -87,6 +87,21 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError(f"broker URL {url!r} must not carry credentials; pass username/password instead")
     return BrokerAddress(host, port, tls)
 
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS for :class:`MqttTransport`, mapped onto paho's ``tls_set``: the CA that signed the broker's
+    certificate (None: the system's CAs), and a client certificate and key for brokers that require one.
+    The broker's hostname is checked unless ``insecure_hostname`` (for tests against an IP only)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure_hostname: bool = False
+
+
+# CONNACK refusals that no retry can fix: MQTT 3.1.1 return codes 4 and 5.
+_AUTH_REFUSALS = ("bad user name or password", "not authorized")
 
 _paho_log = logging.getLogger("ffm.transport.paho")
 
@@ -132,11 +147,9 @@ class MqttTransport(Transport):
         online: PresenceLike = None,
         clean_session: bool = True,
         max_inflight: int = 20,
-        tls: bool = False,
+        tls: bool | TlsOptions = False,
     ) -> None:
         super().__init__(will=will, online=online)
-        if tls:
-            raise ConfigError("TLS is not supported yet: use an mqtt:// broker URL (plain TCP)")
         if not host:
             raise ConfigError("MqttTransport needs a broker host")
         if not 0 < port < 65536:
@@ -163,6 +176,9 @@ class MqttTransport(Transport):
         client.on_log = _on_paho_log
         if username is not None:
             client.username_pw_set(username, password)
+        self.tls = TlsOptions() if tls is True else (tls or None)
+        if self.tls is not None:
+            _set_tls(client, self.tls)
         client.max_inflight_messages_set(max_inflight)
         # paho annotates the delays as int but does float arithmetic with them; sub-second delays work.
         client.reconnect_delay_set(reconnect_min_delay, reconnect_max_delay)  # type: ignore[arg-type]
@@ -187,12 +203,17 @@ class MqttTransport(Transport):
         self._net_thread: threading.Thread | None = None
         self._last_error = "no connection attempt yet"
         self._fatal: str | None = None
+        self._auth_refused = False
 
     @classmethod
     def from_url(cls, url: str, client_id: str = "", **kwargs: object) -> MqttTransport:
-        """Build from a broker URL (see :func:`parse_broker_url`); ``kwargs`` go to the constructor."""
+        """Build from a broker URL (see :func:`parse_broker_url`); ``kwargs`` go to the constructor.
+
+        ``mqtts://`` turns TLS on with the system's CAs unless ``tls=TlsOptions(...)`` says more.
+        """
         address = parse_broker_url(url)
-        return cls(address.host, address.port, client_id, tls=address.tls, **kwargs)  # type: ignore[arg-type]
+        tls = kwargs.pop("tls", None) or address.tls
+        return cls(address.host, address.port, client_id, tls=tls, **kwargs)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"MqttTransport({self.url!r}, client_id={self.client_id!r}, connected={self.connected})"
@@ -200,7 +221,7 @@ class MqttTransport(Transport):
     @property
     def url(self) -> str:
         """The broker's URL."""
-        return BrokerAddress(self.host, self.port).url
+        return BrokerAddress(self.host, self.port, self.tls is not None).url
 
     @property
     def connected(self) -> bool:
@@ -232,13 +253,15 @@ class MqttTransport(Transport):
             fatal = self._fatal
             remaining = deadline - time.monotonic()
             if fatal is not None or remaining <= 0:
+                auth_refused = self._auth_refused
                 if first:  # leave no thread behind, and let a later connect() start afresh
                     self._shutdown()
                     with self._lock:
                         self._started = False
                         self._fatal = None
+                        self._auth_refused = False
                 if fatal is not None:
-                    raise TransportError(fatal)
+                    raise (AuthError if auth_refused else TransportError)(fatal)
                 raise TransportError(
                     f"{self._where()} did not complete the MQTT handshake within {timeout:g} s ({self._last_error})"
                 )
@@ -255,6 +278,8 @@ class MqttTransport(Transport):
                 return
             except socket.gaierror as exc:
                 raise TransportError(f"cannot resolve MQTT broker host {self.host!r}: {exc}") from exc
+            except ssl.SSLError as exc:  # a certificate problem: retrying cannot fix it
+                raise TransportError(f"TLS handshake with {self._where()} failed: {exc}") from exc
             except (OSError, ValueError) as exc:
                 self._last_error = str(exc)
                 remaining = deadline - time.monotonic()
@@ -326,6 +351,8 @@ class MqttTransport(Transport):
             self._last_error = message
             if not self._ever_ready:
                 self._fatal = message
+                if str(reason_code).lower() in _AUTH_REFUSALS:
+                    self._auth_refused = True
             log.error(message)
             return
         with self._lock:
@@ -508,3 +535,20 @@ class MqttTransport(Transport):
         with self._lock:
             if self._session_up:
                 self._client.unsubscribe(topic_filter)
+
+
+def _set_tls(client: paho.Client, tls: TlsOptions) -> None:
+    """paho's ``tls_set`` (TLS 1.2+, the broker's certificate verified); unreadable files are ConfigError."""
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError("a TLS client certificate needs both cert_file and key_file")
+    try:
+        client.tls_set(
+            ca_certs=tls.ca_file,
+            certfile=tls.cert_file,
+            keyfile=tls.key_file,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot set up TLS ({tls}): {exc}") from exc
+    client.tls_insecure_set(tls.insecure_hostname)

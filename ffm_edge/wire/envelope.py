@@ -198,7 +198,9 @@ class _StrictMeta:
 class UpdateMeta(_StrictMeta):
     """What a device says about its update; validated on construction (``MalformedError``).
 
-    ``signature`` is a reserved slot for signed updates; it is carried but not verified here.
+    ``signature`` carries the device's signature (``ed25519:1:<timestamp_ms>:<sig>``, written by
+    :func:`ffm_edge.signing.sign_update_frame`); it is carried but not verified here (the hub verifies it
+    against the device's enrolled key when it requires signatures).
     """
 
     _what: ClassVar[str] = "update metadata"
@@ -243,6 +245,16 @@ class GlobalMeta(_StrictMeta):
     created_at: float
     num_updates: int
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The hub's signature over this metadata and the payload sha256 (``ed25519:1:<sig>``, see
+    #: :mod:`ffm_edge.signing`); left out of the header when None, so unsigned frames are unchanged.
+    signature: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready fields, without ``signature`` when unsigned."""
+        result = super().to_dict()
+        if result.get("signature") is None:
+            result.pop("signature", None)
+        return result
 
     def __post_init__(self) -> None:
         validate_id(self.federation, "federation id")
@@ -256,6 +268,8 @@ class GlobalMeta(_StrictMeta):
         self._set("created_at", check_float(self.created_at, "created_at", minimum=0.0))
         check_int(self.num_updates, "num_updates", minimum=0)
         self._set("metrics", check_metrics(self.metrics))
+        if self.signature is not None:
+            check_text(self.signature, "signature", max_chars=MAX_SIGNATURE_CHARS)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ fields and wrong types are refused, so a hub and a device never guess at each ot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError
 from ffm_edge.wire.codec import CODECS
-from ffm_edge.wire.envelope import MAX_MODEL_CHARS, _StrictMeta
+from ffm_edge.wire.envelope import MAX_MODEL_CHARS, MAX_SIGNATURE_CHARS, _StrictMeta
 from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
 from ffm_edge.wire.topics import (
     check_bool,
@@ -67,6 +67,11 @@ REJECTION_REASONS = frozenset(
         "stale",
         "protocol_version",
         "internal",
+        # Signed updates (``--require-signatures``): see ffm_hub.signing.
+        "unknown_device",  # no enrolled key for the device
+        "bad_signature",  # missing, malformed or not verifying with the device's key
+        "replayed",  # the update id was already accepted with a different payload
+        "stale_timestamp",  # the signature's timestamp is outside the hub's tolerance
     }
 )
 
@@ -205,6 +210,16 @@ class Manifest(_Message):
     created_at: float
     metrics: dict[str, float]
     tensors: int
+    #: The hub's signature (``ed25519:1:<sig>``, see :mod:`ffm_edge.signing`); left off the wire when None
+    #: so that unsigned manifests stay byte-identical to those of hubs without a key.
+    signature: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready fields, without ``signature`` when unsigned."""
+        result = super().to_dict()
+        if result.get("signature") is None:
+            result.pop("signature", None)
+        return result
 
     def __post_init__(self) -> None:
         validate_id(self.federation, "federation id")
@@ -220,6 +235,8 @@ class Manifest(_Message):
         object.__setattr__(self, "created_at", check_float(self.created_at, "created_at", minimum=0.0))
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
         check_int(self.tensors, "tensors", minimum=0)
+        if self.signature is not None:
+            check_text(self.signature, "signature", max_chars=MAX_SIGNATURE_CHARS)
 
 
 @dataclass(frozen=True)
