@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,19 @@ from ffm_edge.spec import ModelSpec, load_model_spec
 
 MAX_LENGTH = 32
 GLOBAL_VERSION = 3
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_BLOCK_TORCH = """\
+import importlib.abc, sys
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this process ({name})")
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+"""
 
 POSITIVE = ["a wonderful, moving film", "great acting and a smart script", "i loved every minute", "superb"]
 NEGATIVE = ["a dull, lifeless mess", "terrible acting and a silly plot", "i hated every minute", "awful"]
@@ -30,6 +44,18 @@ def require_ort() -> None:
     problem = ort_runtime_problem()
     if problem is not None:
         pytest.skip(f"the ORT runtime is not usable here: {problem}")
+
+
+def device_env(tmp_path: Path, *, block_torch: bool) -> dict[str, str]:
+    """The environment of a device subprocess: this repository importable and, with ``block_torch``, a
+    ``sitecustomize`` under ``tmp_path/site`` that makes every ``import torch`` fail (a device without torch)."""
+    path = [str(REPO_ROOT)]
+    if block_torch:
+        site = tmp_path / "site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(_BLOCK_TORCH)
+        path.insert(0, str(site))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path), TOKENIZERS_PARALLELISM="false")
 
 
 def short_spec() -> ModelSpec:

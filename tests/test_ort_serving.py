@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ort_helpers import require_ort, short_spec
+from ort_helpers import device_env, require_ort, short_spec
 
 from ffm_edge.data import get_task
 from ffm_edge.errors import ArtifactRejectedError, ConfigError, OrtArtifactError, TransportError
@@ -46,7 +45,6 @@ from ffm_hub.brokers import ManagedBroker
 from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.store import SqliteStore
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FED = "serving"
 
 
@@ -97,18 +95,6 @@ def _hub_initial_state() -> dict[str, np.ndarray]:
     return dict(_INITIAL)
 
 
-_BLOCK_TORCH = """
-import importlib.abc, sys
-
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this process ({name})")
-        return None
-
-sys.meta_path.insert(0, _NoTorch())
-"""
-
 _DEVICE = """
 import dataclasses, json, sys, time
 import numpy as np
@@ -154,10 +140,7 @@ def test_a_device_without_torch_fetches_artifacts_from_the_hub_and_trains(
     cache = tmp_path_factory.getbasetemp() / "ort-serving-cache"
     service = ArtifactService(spec, "sst2", cache, strategies=("lora", "head"))
     with running_hub(mqtt_broker, tmp_path / "hub", initial, artifacts=service) as (hub, store):
-        site = tmp_path / "site"
-        site.mkdir()
-        (site / "sitecustomize.py").write_text(textwrap.dedent(_BLOCK_TORCH))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO_ROOT)]), TOKENIZERS_PARALLELISM="false")
+        env = device_env(tmp_path, block_torch=True)
         out = tmp_path / "device" / "ort-artifacts"
         proc = subprocess.run(
             [sys.executable, "-c", _DEVICE, mqtt_broker.url, str(out), str(tmp_path / "device"), FED],

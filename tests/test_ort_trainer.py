@@ -8,24 +8,20 @@ Everything skips, with the reason, where onnxruntime-training is not installed (
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ort_helpers import GLOBAL_VERSION, built_artifacts, require_ort, sentiment_data, short_spec
+from ort_helpers import GLOBAL_VERSION, built_artifacts, device_env, require_ort, sentiment_data, short_spec
 
 from ffm_edge.data import get_task
 from ffm_edge.errors import ConfigError, OrtArtifactError, OrtUnavailableError
 from ffm_edge.ort import compat
 from ffm_edge.ort.compat import check_onnx_version
 from ffm_edge.ort.manifest import MANIFEST_NAME, load_manifest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -252,18 +248,6 @@ def test_ort_training_learns_and_evaluates(lora_dir: Path) -> None:
 
 
 # -- without torch -------------------------------------------------------------------------------------------
-_BLOCK_TORCH = """
-import importlib.abc, sys
-
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this process ({name})")
-        return None
-
-sys.meta_path.insert(0, _NoTorch())
-"""
-
 _DEVICE = """
 import json, sys
 import numpy as np
@@ -310,10 +294,7 @@ print("RESULT " + json.dumps({
 def test_a_device_without_torch_trains_and_sends_a_valid_update(lora_dir: Path, tmp_path: Path) -> None:
     """A subprocess in which ``import torch`` fails builds an EdgeClient (runtime auto -> ORT), trains and
     encodes an update that the real wire codec decodes, with exactly TorchTrainer's tensor names."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(_BLOCK_TORCH))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO_ROOT)]), TOKENIZERS_PARALLELISM="false")
+    env = device_env(tmp_path, block_torch=True)
     proc = subprocess.run(
         [sys.executable, "-c", _DEVICE, str(lora_dir), str(tmp_path / "state")],
         capture_output=True,
@@ -356,7 +337,7 @@ print("TORCH-LOADED", "torch" in sys.modules)
 def test_the_ort_runtime_does_not_import_torch_where_torch_is_installed(lora_dir: Path, tmp_path: Path) -> None:
     """onnxruntime's own import-time validation would import torch (via onnxruntime.training); the runtime
     avoids that, so a device with torch installed that trains on ORT does not pay for torch either."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+    env = device_env(tmp_path, block_torch=False)
     proc = subprocess.run(
         [sys.executable, "-c", _TORCH_INSTALLED_DEVICE, str(lora_dir), str(tmp_path / "state")],
         capture_output=True,
