@@ -168,12 +168,17 @@ class _StrictMeta:
     :mod:`ffm_edge.wire.messages`) that validate in ``__post_init__``."""
 
     _what: ClassVar[str]
+    #: Optional fields left out of the JSON while None, so records without them stay byte-identical to
+    #: those of peers that never had them (e.g. an unsigned manifest).
+    _omit_when_none: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready fields (metrics copied)."""
+        """The JSON-ready fields (metrics copied; ``_omit_when_none`` fields left out while None)."""
         result: dict[str, Any] = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if value is None and f.name in self._omit_when_none:
+                continue
             result[f.name] = dict(value) if isinstance(value, dict) else value
         return result
 
@@ -248,13 +253,7 @@ class GlobalMeta(_StrictMeta):
     #: The hub's signature over this metadata and the payload sha256 (``ed25519:1:<sig>``, see
     #: :mod:`ffm_edge.signing`); left out of the header when None, so unsigned frames are unchanged.
     signature: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready fields, without ``signature`` when unsigned."""
-        result = super().to_dict()
-        if result.get("signature") is None:
-            result.pop("signature", None)
-        return result
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("signature",)
 
     def __post_init__(self) -> None:
         validate_id(self.federation, "federation id")

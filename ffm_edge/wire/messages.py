@@ -8,7 +8,7 @@ fields and wrong types are refused, so a hub and a device never guess at each ot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError
 from ffm_edge.wire.codec import CODECS
@@ -213,13 +213,7 @@ class Manifest(_Message):
     #: The hub's signature (``ed25519:1:<sig>``, see :mod:`ffm_edge.signing`); left off the wire when None
     #: so that unsigned manifests stay byte-identical to those of hubs without a key.
     signature: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready fields, without ``signature`` when unsigned."""
-        result = super().to_dict()
-        if result.get("signature") is None:
-            result.pop("signature", None)
-        return result
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("signature",)
 
     def __post_init__(self) -> None:
         validate_id(self.federation, "federation id")
