@@ -8,11 +8,11 @@ got a receipt for is in the hub's store, aggregated once.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from wire_device import run_edges
 
 from ffm_edge.client import EdgeClient, RoundResult
 from ffm_edge.data import LabeledData, get_task
@@ -72,22 +72,7 @@ def run_federation(
         )
         for i in range(clients)
     ]
-    results: list[list[RoundResult]] = [[] for _ in edges]
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            with edges[i]:
-                results[i] = edges[i].run_forever(rounds)
-        except BaseException as exc:  # surfaced by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors
+    results = run_edges(edges, rounds)
     assert hub.wait_idle(60)
     hub.stop()
     hub_transport.close()

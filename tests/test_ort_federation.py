@@ -7,14 +7,14 @@ n_k-weighted mean.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from ort_helpers import built_artifacts, require_ort, sentiment_data, short_spec
+from wire_device import run_edges
 
-from ffm_edge.client import EdgeClient, RoundResult
+from ffm_edge.client import EdgeClient
 from ffm_edge.data import get_task
 from ffm_edge.transport import MqttTransport
 from ffm_edge.wire import decode_global, decode_update
@@ -74,22 +74,7 @@ def test_torch_and_ort_devices_federate_over_mosquitto(
         for i, device in enumerate(devices)
     ]
     assert [e.runtime for e in edges] == ["torch", "ort", "ort"]
-    results: list[list[RoundResult]] = [[] for _ in edges]
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            with edges[i]:
-                results[i] = edges[i].run_forever(rounds)
-        except BaseException as exc:  # surfaced by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(edges))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors
+    results = run_edges(edges, rounds)
     assert hub.wait_idle(60)
     hub.stop()
     hub_transport.close()

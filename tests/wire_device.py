@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ffm_edge.client import EdgeClient, RoundResult
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport, Transport
 from ffm_edge.wire import (
     ChunkAssembler,
@@ -94,3 +96,25 @@ class Device:
             if isinstance(item, kind):
                 return item
         raise AssertionError(f"no {kind.__name__} within {timeout}s")
+
+
+def run_edges(edges: Sequence[EdgeClient], rounds: int, timeout: float = 600) -> list[list[RoundResult]]:
+    """Run every edge for ``rounds`` rounds, each in its own thread (as separate devices would), and
+    return each edge's round results; an exception on any edge fails the calling test."""
+    results: list[list[RoundResult]] = [[] for _ in edges]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with edges[i]:
+                results[i] = edges[i].run_forever(rounds)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(edges))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    return results
