@@ -28,6 +28,7 @@ __all__ = [
     "SignatureError",
     "TransportError",
     "TruncatedError",
+    "WrongDtypeError",
 ]
 
 
@@ -70,6 +71,10 @@ class DecodeError(FFMError, ValueError):
 
 class MalformedError(DecodeError):
     """The bytes do not follow the wire format (bad magic, bad JSON, bad fields, bad tensors)."""
+
+
+class WrongDtypeError(MalformedError):
+    """A tensor's dtype is not the one its codec declares (e.g. float64 in an ``fp32`` payload)."""
 
 
 class TruncatedError(MalformedError):

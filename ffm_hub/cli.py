@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--staleness-alpha", type=float, default=0.5, help="exponent (polynomial) or slope (hinge)")
     serve.add_argument("--max-staleness", type=int, default=None,
                        help="reject updates more than this many versions behind (default: never)")  # fmt: skip
+    serve.add_argument("--max-update-norm", type=float, default=None,
+                       help="reject an update whose L2 norm (all tensors together) exceeds this; a device "
+                       "learns the reason norm_exceeded (default: no bound)")  # fmt: skip
     serve.add_argument("--keep-versions", type=int, default=None,
                        help="keep only the newest N global versions on disk (default: all)")  # fmt: skip
     serve.add_argument("--central-epochs", type=int, default=0,
@@ -271,6 +274,7 @@ def _serve(args: argparse.Namespace) -> int:
             staleness=args.staleness,
             staleness_alpha=args.staleness_alpha,
             max_staleness=args.max_staleness,
+            max_update_norm=args.max_update_norm,
             keep_versions=args.keep_versions,
             central_epochs=args.central_epochs,
             public_limit=args.public_limit,

@@ -213,6 +213,9 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("aggregation", "max_staleness", "max_staleness", "int", _D.max_staleness,
                 "reject updates more than this many versions behind; leave out to never reject for staleness",
                 example=10, check=_at_least(0)),
+    ConfigField("aggregation", "max_update_norm", "max_update_norm", "float", _D.max_update_norm,
+                "reject an update whose L2 norm over all its tensors exceeds this (reason norm_exceeded); "
+                "leave out for no bound", example=10.0, check=_positive_finite),
     ConfigField("aggregation", "chunk_size", "chunk_size", "int", _D.chunk_size,
                 "bytes per MQTT message when a global version is sent in chunks", check=_chunk_size),
     ConfigField("switching", "central_epochs", "central_epochs", "int", _D.central_epochs,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -28,6 +29,7 @@ from ffm_edge.errors import (
     OversizedError,
     ProtocolVersionError,
     TransportError,
+    WrongDtypeError,
 )
 from ffm_edge.transport import Transport
 from ffm_edge.wire import (
@@ -64,7 +66,7 @@ from ffm_hub.aggregate import (
     staleness_weight,
 )
 from ffm_hub.faults import crash_point
-from ffm_hub.robust import AGGREGATORS, check_aggregator, robust_aggregate
+from ffm_hub.robust import AGGREGATORS, check_aggregator, robust_aggregate, update_norm
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
 from ffm_hub.switching import ACTIONS, Decision, SwitchingPolicy
 
@@ -127,6 +129,10 @@ class HubSettings:
     max_staleness: int | None = field(
         default=None, metadata={"help": "reject updates more than this many versions behind (None: never)"}
     )
+    max_update_norm: float | None = field(
+        default=None,
+        metadata={"help": "reject an update whose L2 norm over all its tensors exceeds this (None: no bound)"},
+    )
     limits: WireLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -142,6 +148,8 @@ class HubSettings:
             staleness_weight(0, kind=self.staleness, alpha=self.staleness_alpha, max_staleness=self.max_staleness)
         except ConfigError as exc:
             errors.append(str(exc))
+        if self.max_update_norm is not None and not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            errors.append(f"max_update_norm must be a finite number > 0, got {self.max_update_norm}")
         if self.keep_versions is not None and self.keep_versions < 1:
             errors.append(f"keep_versions must be >= 1, got {self.keep_versions}")
         if self.tau < 1:
@@ -646,6 +654,10 @@ class Hub:
                 return "shape_mismatch", f"{name}: {value.shape} != {self._global[name].shape}"
             if not np.isfinite(value).all():
                 return "non_finite", f"{name} holds NaN or Inf"
+        if self.settings.max_update_norm is not None:
+            norm = update_norm(tensors)
+            if norm > self.settings.max_update_norm:
+                return "norm_exceeded", f"L2 norm {norm:.4g} is above the bound {self.settings.max_update_norm:g}"
         return None
 
     def _maybe_aggregate(self) -> None:
@@ -834,6 +846,8 @@ def _reason(exc: FFMError) -> str:
         return "hash_mismatch"
     if isinstance(exc, OversizedError):
         return "oversized"
+    if isinstance(exc, WrongDtypeError):
+        return "wrong_dtype"
     return "malformed"
 
 

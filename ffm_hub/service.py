@@ -55,6 +55,7 @@ class ServeOptions:
     staleness: str = "polynomial"
     staleness_alpha: float = 0.5
     max_staleness: int | None = None
+    max_update_norm: float | None = None  # reject updates with a larger L2 norm (None: no bound)
     keep_versions: int | None = None
     central_epochs: int = 0  # epochs on the hub's public data after each aggregation (0: none)
     public_limit: int = 64  # public training examples the hub holds
@@ -221,6 +222,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         staleness=opts.staleness,
         staleness_alpha=opts.staleness_alpha,
         max_staleness=opts.max_staleness,
+        max_update_norm=opts.max_update_norm,
         keep_versions=opts.keep_versions,
         chunk_size=opts.chunk_size,
     )

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from wire_device import FED, Device
 
+from ffm_edge.errors import ConfigError
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport, MqttTransport, Transport
 from ffm_edge.wire import (
     Hello,
@@ -25,7 +27,9 @@ from ffm_edge.wire import (
     UpdateMeta,
     decode_global,
     encode_update,
+    pack_envelope,
 )
+from ffm_edge.wire.codec import FORMAT_VERSION
 from ffm_hub.brokers import ManagedBroker
 from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.store import SqliteStore
@@ -99,6 +103,48 @@ def test_bad_updates_are_rejected_with_a_reason(setup, make, reason: str) -> Non
     rejection = d1.next(Rejection)
     assert (rejection.update_id, rejection.reason) == (update_id, reason)
     assert store.queued() == [] and hub.rejections == {reason: 1}
+
+
+def test_updates_over_the_norm_bound_are_rejected_and_at_the_bound_accepted(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker, "hub")
+    transport.connect()
+    store = SqliteStore(tmp_path / "store")
+    settings = HubSettings(federation=FED, tau=5, max_update_norm=3.0)
+    hub = Hub(settings, transport, store, initial_state=lambda: STATE)
+    hub.start()
+    try:
+        d1 = Device(broker, "d1")
+        # ||delta(1, 0)|| = sqrt(6) ~ 2.45 <= 3; ||delta(1, 1)|| = sqrt(8) ~ 2.83; ||delta(1, 2)|| = sqrt(14) ~ 3.74.
+        for h in (0.0, 1.0):
+            d1.send_update(delta(1.0, h))
+            assert d1.next(Receipt).duplicate is False
+        over = d1.send_update(delta(1.0, 2.0))
+        rejection = d1.next(Rejection)
+        assert (rejection.update_id, rejection.reason) == (over, "norm_exceeded")
+        assert "3.742" in rejection.detail and "bound 3" in rejection.detail
+        assert hub.rejections == {"norm_exceeded": 1} and len(store.queued()) == 2
+    finally:
+        hub.stop()
+        store.close()
+    with pytest.raises(ConfigError, match="max_update_norm"):
+        HubSettings(federation=FED, max_update_norm=float("nan"))
+
+
+def test_a_tensor_of_the_wrong_dtype_is_rejected_as_wrong_dtype(setup) -> None:  # type: ignore[no-untyped-def]
+    broker, hub, store = setup
+    d1 = Device(broker, "d1")
+    meta = UpdateMeta(FED, "d1", "f64-1", 0, "lora", 10, "fp32", time.time())
+    # float64 values in a payload that declares the fp32 codec: safetensors writes it as F64.
+    payload = safetensors.numpy.save(
+        {"lora_A": np.zeros((2, 3), np.float64), "head": np.ones(2, np.float32)},
+        metadata={"ffm_format": FORMAT_VERSION, "ffm_codec": "fp32"},
+    )
+    d1.send_frame(pack_envelope("update", meta.to_dict(), payload), "f64-1")
+    rejection = d1.next(Rejection)
+    assert (rejection.update_id, rejection.reason) == ("f64-1", "wrong_dtype")
+    assert "lora_A" in rejection.detail and "F64" in rejection.detail
+    assert store.queued() == [] and hub.rejections == {"wrong_dtype": 1}
 
 
 def test_corrupted_and_malformed_frames_are_rejected(setup) -> None:  # type: ignore[no-untyped-def]

@@ -104,6 +104,8 @@ def test_rejection_reasons_are_the_documented_set() -> None:
         "unknown_tensors",
         "unknown_strategy",
         "shape_mismatch",
+        "wrong_dtype",
+        "norm_exceeded",
         "non_finite",
         "stale",
         "protocol_version",

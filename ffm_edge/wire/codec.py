@@ -23,7 +23,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError, TruncatedError
+from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError, TruncatedError, WrongDtypeError
 from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
 from ffm_edge.wire.topics import check_int, check_keys, loads_json_object
 
@@ -239,7 +239,7 @@ def _validate_entries(
         fields = check_keys(entry, f"entry {name!r}", required=("dtype", "shape", "data_offsets"))
         dtype = fields["dtype"]
         if dtype != _expected_dtype(codec, name):
-            raise MalformedError(f"tensor {name!r} has dtype {dtype!r}, unexpected for codec {codec}")
+            raise WrongDtypeError(f"tensor {name!r} has dtype {dtype!r}, unexpected for codec {codec}")
         shape_value = fields["shape"]
         if not isinstance(shape_value, list) or len(shape_value) > _MAX_NDIM:
             raise MalformedError(f"tensor {name!r} has an invalid shape")

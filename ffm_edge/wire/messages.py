@@ -63,7 +63,9 @@ REJECTION_REASONS = frozenset(
         "unknown_tensors",
         "unknown_strategy",
         "shape_mismatch",
+        "wrong_dtype",  # a tensor's dtype is not the one its codec declares
         "non_finite",
+        "norm_exceeded",  # the update's L2 norm is above the hub's max_update_norm
         "stale",
         "protocol_version",
         "internal",
