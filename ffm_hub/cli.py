@@ -243,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(experiment)
+
+    from ffm_hub.reliability import suite
+
+    reliability = sub.add_parser(
+        "reliability",
+        help="the fault and attack suite on real brokers: updates tried / accepted / lost, as a table",
+        description=suite.DESCRIPTION,
+        epilog=suite.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    suite.add_arguments(reliability)
     return parser
 
 
@@ -452,6 +463,12 @@ def _experiment(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _reliability(args: argparse.Namespace) -> int:
+    from ffm_hub.reliability.suite import run_from_args
+
+    return run_from_args(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ffm-hub``."""
     parser = build_parser()
@@ -469,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keygen": _keygen,
         "enroll": _enroll,
         "experiment": _experiment,
+        "reliability": _reliability,
     }
     try:
         return commands[args.command](args)
