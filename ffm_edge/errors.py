@@ -86,7 +86,16 @@ class ProtocolVersionError(DecodeError):
 
 
 class OversizedError(DecodeError):
-    """The frame, header or declared payload is larger than the configured limit."""
+    """The frame, header or declared payload is larger than the configured limit.
+
+    For a chunk of a transfer that is too large, ``transfer_id`` and ``chunk_index`` say which transfer
+    (its header was readable), so the hub can answer the device instead of dropping chunks silently.
+    """
+
+    def __init__(self, message: str, *, transfer_id: str | None = None, chunk_index: int | None = None) -> None:
+        super().__init__(message)
+        self.transfer_id = transfer_id
+        self.chunk_index = chunk_index
 
 
 class HashMismatchError(DecodeError):

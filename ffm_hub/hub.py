@@ -477,6 +477,13 @@ class Hub:
     def _on_chunk(self, device: str, frame: bytes) -> None:
         try:
             chunk = parse_chunk(frame, limits=self.settings.limits)
+        except OversizedError as exc:
+            if exc.transfer_id is None:
+                self._count_rejection("oversized")
+                log.warning("dropping an oversized chunk from %s: %s", device, exc)
+            elif exc.chunk_index == 0:  # answer each send or resend of the transfer once, not every chunk
+                self._reject(device, exc.transfer_id, "oversized", str(exc))
+            return
         except DecodeError as exc:
             self._count_rejection(_reason(exc))
             log.warning("dropping an unreadable chunk from %s: %s", device, exc)

@@ -166,10 +166,13 @@ def test_oversized_chunks_and_transfers() -> None:
     small = _payload(10)
     with pytest.raises(OversizedError):
         parse_chunk(_chunk_frame(_chunk_header(small, count=70_000, total_size=10**6), small))
-    with pytest.raises(OversizedError):
+    with pytest.raises(OversizedError) as caught:
         parse_chunk(_chunk_frame(_chunk_header(small, total_size=300 * 1024 * 1024, count=100), small))
-    with pytest.raises(OversizedError):
+    # The header was readable: the error names the transfer, so the hub can answer the device.
+    assert caught.value.chunk_index == 0 and caught.value.transfer_id is not None
+    with pytest.raises(OversizedError) as caught:
         parse_chunk(b"\0" * (10 + 64 * 1024 + 4 * 1024 * 1024 + 1))
+    assert caught.value.transfer_id is None  # nothing was read: nobody to answer
     declared = CHUNK_MAGIC + struct.pack(">HI", PROTOCOL_VERSION, 64 * 1024 + 1)
     with pytest.raises(OversizedError):
         parse_chunk(declared)

@@ -101,14 +101,26 @@ def parse_chunk(frame: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> Chunk:
     fields_ = check_keys(header, "chunk header", required=_HEADER_FIELDS)
     transfer_id = validate_id(fields_["transfer_id"], "transfer id")
     count = check_int(fields_["count"], "chunk count", minimum=1)
-    if count > limits.max_chunks:
-        raise OversizedError(f"transfer of {count} chunks exceeds max_chunks {limits.max_chunks}")
     index = check_int(fields_["index"], "chunk index", minimum=0, maximum=count - 1)
     total_size = check_int(fields_["total_size"], "total_size", minimum=0)
+    if count > limits.max_chunks:
+        raise OversizedError(
+            f"transfer of {count} chunks exceeds max_chunks {limits.max_chunks}",
+            transfer_id=transfer_id,
+            chunk_index=index,
+        )
     if total_size > limits.max_frame_bytes:
-        raise OversizedError(f"transfer of {total_size} bytes exceeds max_frame_bytes {limits.max_frame_bytes}")
+        raise OversizedError(
+            f"transfer of {total_size} bytes exceeds max_frame_bytes {limits.max_frame_bytes}",
+            transfer_id=transfer_id,
+            chunk_index=index,
+        )
     if len(body) > limits.max_chunk_bytes:
-        raise OversizedError(f"chunk of {len(body)} bytes exceeds max_chunk_bytes {limits.max_chunk_bytes}")
+        raise OversizedError(
+            f"chunk of {len(body)} bytes exceeds max_chunk_bytes {limits.max_chunk_bytes}",
+            transfer_id=transfer_id,
+            chunk_index=index,
+        )
     if len(body) > total_size:
         raise MalformedError(f"chunk of {len(body)} bytes is larger than its transfer ({total_size} bytes)")
     if count > max(1, total_size) or total_size > count * limits.max_chunk_bytes:
