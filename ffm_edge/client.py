@@ -126,7 +126,9 @@ class EdgeClient:
     Runtimes: ``runtime="torch"`` trains with PyTorch, ``runtime="ort"`` with onnxruntime-training from the
     artifacts in ``ort_artifacts`` (built by ``ffm-edge ort-build``; torch is never imported), and ``"auto"``
     (default) uses torch when it is installed, else ORT, or lets the planner choose with a memory budget.
-    ``threads`` sets ORT's intra-op threads (torch's are process-wide: the app sets them).
+    ``threads`` sets ORT's intra-op threads (torch's are process-wide: the app sets them). ``trainer``
+    replaces all of that with the app's own :class:`~ffm_edge.runtime.Trainer` (another runtime, or plain
+    arrays in a simulation); the protocol (outbox, upload, receipts, pulls, signing) stays the SDK's.
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class EdgeClient:
         broker_username: str | None = None,
         broker_password: str | None = None,
         broker_tls: TlsOptions | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         try:
             validate_id(device_id, "device id")
@@ -218,16 +221,20 @@ class EdgeClient:
         # with ``hub_public_key`` manifests and global frames must carry the hub's valid signature.
         self._device_key, self._hub_key = _load_keys(device_key, hub_public_key)
         self._manifest_refusal: str | None = None
-        runtimes = self._usable_runtimes(runtime)
-        micro_batch_size = None
-        chosen = runtimes[0]
-        if strategy == "auto" or memory_budget is not None:
-            strategy, micro_batch_size, chosen = self._plan(strategy, memory_budget, batch_size, runtimes)
-        self.runtime = chosen
-        self.trainer: Trainer = self._make_trainer(
-            strategy, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
-            micro_batch_size=micro_batch_size, threads=threads,
-        )  # fmt: skip
+        self.trainer: Trainer
+        if trainer is not None:  # the app's own runtime: nothing is planned or loaded here
+            self.runtime, self.trainer = "custom", trainer
+        else:
+            runtimes = self._usable_runtimes(runtime)
+            micro_batch_size = None
+            chosen = runtimes[0]
+            if strategy == "auto" or memory_budget is not None:
+                strategy, micro_batch_size, chosen = self._plan(strategy, memory_budget, batch_size, runtimes)
+            self.runtime = chosen
+            self.trainer = self._make_trainer(
+                strategy, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
+                micro_batch_size=micro_batch_size, threads=threads,
+            )  # fmt: skip
         self._transport = transport
         self._own_transport = transport is None
         self._cond = threading.Condition()

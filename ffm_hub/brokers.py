@@ -438,6 +438,12 @@ class AmqttBroker(ManagedBroker):
         from amqtt.broker import Broker  # imported late: amqtt is heavy and only the fallback
 
         self._loop = asyncio.get_running_loop()
+        # amqtt 0.12 lets some per-client task errors (e.g. "dictionary changed size during iteration" when
+        # many clients drop at once) reach asyncio's default handler as tracebacks; the broker keeps
+        # serving, so log one warning line instead.
+        self._loop.set_exception_handler(
+            lambda _loop, context: log.warning("amqtt: %s", context.get("exception") or context.get("message"))
+        )
         self._stop_event = asyncio.Event()
         broker = Broker(self._config(port), loop=self._loop)
         try:
