@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ffm_hub.artifacts import ArtifactService
     from ffm_hub.signing import HubSecurity
 
-__all__ = ["ServeOptions", "running_hub", "serve"]
+__all__ = ["ServeOptions", "running_hub", "serve", "wait_for"]
 
 log = logging.getLogger("ffm.hub.service")
 
@@ -360,7 +360,7 @@ def serve(
 
                 metrics, port = start_metrics_server(hub, metrics_port, metrics_bind)
                 log.info("Prometheus metrics on http://%s:%d/metrics", metrics_bind, port)
-            stop.wait()
+            wait_for(stop)
         finally:
             if metrics is not None:
                 metrics.stop()
@@ -383,3 +383,14 @@ def _security(opts: ServeOptions) -> HubSecurity | None:
         hub_key=opts.hub_key,
         tolerance=opts.timestamp_tolerance,
     )
+
+
+def wait_for(stop: threading.Event, poll_s: float = 0.5) -> None:
+    """Block until ``stop`` is set, waking every ``poll_s``.
+
+    Python runs signal handlers only in the main thread, between bytecodes. Linux may deliver SIGTERM
+    to any thread (paho's network loop, the hub's worker): an untimed ``stop.wait()`` in the main thread
+    then never returns and the process ignores SIGTERM. Found by the reliability suite's ``hub_kill``.
+    """
+    while not stop.wait(poll_s):
+        pass

@@ -3,6 +3,9 @@ an adaptive policy deciding on held-out public examples, with real edge clients 
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from ffm_edge.errors import ConfigError
 from ffm_edge.spec import load_model_spec
 from ffm_edge.transport.mqtt import MqttTransport
 from ffm_hub.brokers import ManagedBroker
-from ffm_hub.service import ServeOptions, running_hub
+from ffm_hub.service import ServeOptions, running_hub, wait_for
 
 
 @pytest.mark.slow  # EfficientNet-Lite0 twice (hub and edge), a few seconds
@@ -79,3 +82,22 @@ def test_validation_needs_public_examples_left(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="no public examples left"), running_hub(opts):
         pass
+
+
+def test_wait_for_wakes_when_the_signal_lands_on_another_thread() -> None:
+    """Linux may deliver SIGTERM to any thread; Python runs the handler only in the main thread, so an
+    untimed Event.wait() there never returns (the hub ignored SIGTERM: found by the hub_kill scenario)."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: stop.set())
+    sleeper = threading.Thread(target=time.sleep, args=(3.0,), daemon=True)
+    sleeper.start()
+    assert sleeper.ident is not None
+    sender = threading.Timer(0.2, signal.pthread_kill, args=(sleeper.ident, signal.SIGUSR1))
+    try:
+        sender.start()
+        started = time.monotonic()
+        wait_for(stop, poll_s=0.05)
+        assert time.monotonic() - started < 2.0
+    finally:
+        sender.cancel()
+        signal.signal(signal.SIGUSR1, previous)

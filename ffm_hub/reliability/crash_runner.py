@@ -42,6 +42,7 @@ from ffm_edge.errors import ConfigError
 from ffm_edge.runtime import ProgressCallback, TrainReport
 from ffm_edge.transport import MqttTransport, parse_broker_url
 from ffm_hub.hub import Hub, HubSettings
+from ffm_hub.service import wait_for
 from ffm_hub.store import SqliteStore
 
 __all__ = [
@@ -196,7 +197,7 @@ def _run_hub(args: argparse.Namespace) -> int:
     settings = crash_hub_settings(args.tau, args.optimizer, args.federation)
     hub = Hub(settings, transport, store, initial_state=lambda: CRASH_STATE)
     hub.start()
-    stop.wait()
+    wait_for(stop)
     hub.stop()
     transport.close()
     store.close()
