@@ -48,7 +48,9 @@ def test_run_suite_runs_each_scenario_on_its_brokers_and_turns_errors_into_faile
     table = render_markdown(rows)
     assert "| counting | NaN update | amqtt | 5 | 1 | 0 | 0 | 0 | **FAIL** |" in table
     assert "a\\|b" in table  # a pipe in a detail cannot break the table
-    assert "3 rows, 1 passed, 2 failed; updates tried 10, accepted 6, lost 0" in table
+    assert "3 rows, 1 passed, 2 failed; tried 10, accepted 6 (expected 5), lost 0" in table
+    assert "| counting | amqtt | 2 | 10 | 6 | 5 | 0 | 0 | **1 FAILED** |" in table  # the summary line
+    assert "| broken | amqtt | 1 | 0 | 0 | 0 | 0 | 0 | **1 FAILED** |" in table
 
 
 def test_every_registered_scenario_has_a_unique_name_and_known_brokers() -> None:

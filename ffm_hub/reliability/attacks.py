@@ -455,10 +455,10 @@ def _outcome(broker: str, s: AttackSettings, run: FederationRun, clean: float) -
     if run.attack == "clean":
         verdict = "reference"
     elif run.aggregator == "fedavg":
-        verdict = f"baseline, not held to the bound: {drop:+.1f} points vs clean"
+        verdict = f"baseline, not held to the bound: {drop:.1f} points below clean"
     else:
         held = drop <= s.bound_points
-        verdict = f"{drop:+.1f} points vs clean, bound {s.bound_points:g}: {'held' if held else 'BROKEN'}"
+        verdict = f"{drop:.1f} points below clean (bound {s.bound_points:g}): {'held' if held else 'BROKEN'}"
         passed = held and run.accepted == run.tried and run.lost == 0 and run.duplicates == 0
     detail = (
         f"{attack}; {s.rounds} rounds, {s.model} {s.strategy} on {s.task}; accuracy {run.accuracy:.3f} "

@@ -7,14 +7,16 @@ why, and the suite goes on, so one broken case never hides the others' figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import os
 import platform
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,16 @@ from ffm_edge.errors import ConfigError
 from ffm_hub.brokers import find_mosquitto
 from ffm_hub.reliability.outcome import BROKERS, Context, Outcome, Scenario
 
-__all__ = ["DESCRIPTION", "EPILOG", "add_arguments", "all_scenarios", "render_markdown", "run_from_args", "run_suite"]
+__all__ = [
+    "DESCRIPTION",
+    "EPILOG",
+    "add_arguments",
+    "all_scenarios",
+    "render_markdown",
+    "render_summary",
+    "run_from_args",
+    "run_suite",
+]
 
 #: Modules that define ``SCENARIOS``, in the order their rows appear.
 SCENARIO_MODULES = (
@@ -114,17 +125,40 @@ def _cell(row: Outcome) -> list[str]:
     ]
 
 
+def render_summary(rows: Sequence[Outcome]) -> str:
+    """One line per scenario and broker: the figures the README quotes."""
+    header = ["scenario", "broker", "cases", "tried", "accepted", "expected", "lost", "dup.", "result"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * 6 + "---|"]
+    groups: dict[tuple[str, str], list[Outcome]] = {}
+    for row in rows:
+        groups.setdefault((row.scenario, row.broker), []).append(row)
+    for (scenario, broker), group in groups.items():
+        failed = sum(not r.passed for r in group)
+        figures = [len(group), *(sum(getattr(r, f) for r in group) for f in _COUNTS)]
+        result = "pass" if not failed else f"**{failed} FAILED**"
+        lines.append("| " + " | ".join([scenario, broker, *map(str, figures), result]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_COUNTS = ("tried", "accepted", "expected_accepted", "lost", "duplicates")
+
+
 def render_markdown(rows: Sequence[Outcome]) -> str:
-    """The figures table: one row per case and broker, then the totals."""
+    """The summary per scenario and broker, then every case, then the totals.
+
+    "tried" counts what a scenario attempted (updates, logins, forbidden publishes and subscriptions);
+    "accepted" what the hub took or the broker let through, counted where it arrived."""
     header = ["scenario", "case", "broker", "tried", "accepted", "expected", "lost", "dup.", "result", "s", "detail"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * 6 + "---|" * 2]
+    lines = [render_summary(rows), "Every case:", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * 5 + "---|---:|---|"]
     lines += ["| " + " | ".join(_cell(row)) + " |" for row in rows]
     failed = [r for r in rows if not r.passed]
     lines += [
         "",
-        f"{len(rows)} rows, {len(rows) - len(failed)} passed, {len(failed)} failed; "
-        f"updates tried {sum(r.tried for r in rows)}, accepted {sum(r.accepted for r in rows)}, "
-        f"lost {sum(r.lost for r in rows)}, aggregated twice {sum(r.duplicates for r in rows)}.",
+        f"{len(rows)} rows, {len(rows) - len(failed)} passed, {len(failed)} failed; tried "
+        f"{sum(r.tried for r in rows)}, accepted {sum(r.accepted for r in rows)} (expected "
+        f"{sum(r.expected_accepted for r in rows)}), lost {sum(r.lost for r in rows)}, "
+        f"aggregated twice {sum(r.duplicates for r in rows)}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -156,7 +190,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     if bad or not brokers:
         raise ConfigError(f"--brokers takes {', '.join(BROKERS)}; got {args.brokers!r}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ffm-reliability-") as scratch:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = args.out.with_suffix(".log")
+    with tempfile.TemporaryDirectory(prefix="ffm-reliability-") as scratch, _logging_to(log_path, args.verbose):
+        if not args.verbose:
+            print(f"logs (every rejection and reconnect the scenarios provoke): {log_path}", flush=True)
         workdir = args.workdir or Path(scratch)
         rows = run_suite(scenarios, brokers, workdir, seed=args.seed, say=lambda line: print(line, flush=True))
     table = render_markdown(rows)
@@ -170,8 +208,26 @@ def run_from_args(args: argparse.Namespace) -> int:
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count() or 0},
         "rows": [row.to_dict() for row in rows],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(table)
     args.out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')} ({document['wall_s']} s)")
     return 0 if all(row.passed for row in rows) else 1
+
+
+@contextlib.contextmanager
+def _logging_to(path: Path, verbose: bool) -> Iterator[None]:
+    """The scenarios provoke hundreds of warnings on purpose (rejections, refused logins, reconnects):
+    send the log to ``path`` so the console shows progress and the table (``-v``: both, on the console)."""
+    if verbose:
+        yield
+        return
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+        handler.close()
