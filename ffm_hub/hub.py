@@ -288,6 +288,15 @@ class Hub:
         """A copy of the current global trainable state."""
         return {k: v.copy() for k, v in self._global.items()}
 
+    def wait_for_version(self, version: int, timeout: float = 30.0) -> bool:
+        """Block until the hub has published ``version`` (or a newer one); False on timeout (for tools)."""
+        deadline = time.monotonic() + timeout
+        while self.current_version < version:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until the inbox is empty and the worker is waiting (for tests and tools)."""
         deadline = time.monotonic() + timeout

@@ -290,11 +290,8 @@ def _transports(spec: RunSpec, federation: str, workdir: Path) -> Iterator[Calla
 
 
 def _wait_for_version(hub: Any, version: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while hub.current_version < version:
-        if time.monotonic() > deadline:
-            raise FFMError(f"the hub did not reach version {version} within {timeout:.0f}s")
-        time.sleep(0.02)
+    if not hub.wait_for_version(version, timeout):
+        raise FFMError(f"the hub did not reach version {version} within {timeout:.0f}s")
 
 
 def _run_federated(s: _Setup, *, ffm: bool) -> dict[str, Any]:

@@ -319,7 +319,8 @@ def _run_federation(setup: _Setup, broker: ManagedBroker, aggregator: str, attac
                 torch.manual_seed(derive_seed(s.seed, f"dev-{i}", r))  # dropout: the same draws in every run
                 tried += 1
                 receipted.append(client.run_round().update_id)
-            _wait_for_version(hub, r, _VERSION_TIMEOUT_S)
+            if not hub.wait_for_version(r, _VERSION_TIMEOUT_S):
+                raise FFMError(f"{federation}: the hub did not reach version {r} within {_VERSION_TIMEOUT_S:.0f}s")
         if not hub.wait_idle(60):
             raise FFMError(f"{federation}: the hub did not go idle after the last round")
         versions = store.versions()
@@ -378,14 +379,6 @@ def _attacker_geometry(store: HubStore, update_ids: Sequence[str], attackers: se
     if not cosines:
         return math.nan, math.nan
     return float(np.mean(cosines)), float(np.mean(ratios))
-
-
-def _wait_for_version(hub: Any, version: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while hub.current_version < version:
-        if time.monotonic() > deadline:
-            raise FFMError(f"the hub did not reach version {version} within {timeout:.0f}s")
-        time.sleep(0.02)
 
 
 # -- the scenario ---------------------------------------------------------------------------------------------

@@ -339,14 +339,6 @@ def _transport(host: str, port: int, client_id: str) -> MqttTransport:
     return MqttTransport(host, port, client_id=client_id, reconnect_min_delay=0.1, reconnect_max_delay=2.0)
 
 
-def _wait_for_version(hub: Hub, version: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while hub.current_version < version and time.monotonic() < deadline:
-        hub.wait_idle(min(5.0, max(0.1, deadline - time.monotonic())))
-        time.sleep(0.05)
-    return hub.current_version >= version
-
-
 def _until_done(action: Callable[[], _T], deadline: float, what: str) -> _T:
     """Retry ``action`` on TransportError (a reset cost it its answer) until ``deadline``."""
     while True:
@@ -404,7 +396,7 @@ def run_resets(
             ledger.failures.append(f"devices still running at the deadline: {stuck}")
             for client in devices:
                 client.stop()
-        reached = _wait_for_version(local.hub, rounds, timeout=60)
+        reached = local.hub.wait_for_version(rounds, timeout=60)
         counters = dict(local.hub.counters)
         resets, connections = proxy.resets, proxy.connections
     audit = local.audit(ledger.tried, ledger.receipted)
@@ -511,7 +503,7 @@ def run_broker_restart(ctx: Context, *, megabytes: int = 4, chunk_size: int = 64
             except Exception as exc:
                 ledger.failures.append(f"the device failed: {exc!r}"[:300])
                 announced = -1
-        reached = _wait_for_version(local.hub, 1, timeout=30)
+        reached = local.hub.wait_for_version(1, timeout=30)
         accepted_by_hub = local.hub.counters["accepted"]
     audit = local.audit(ledger.tried, ledger.receipted)
     restarted = facts.get("restarted", 0.0) == 1.0
@@ -626,7 +618,7 @@ def _edge_kill_case(ctx: Context, broker: ManagedBroker, case: _EdgeKillCase, in
                 continue
             ledger.receipted += list(receipts)
             duplicate_receipts += sum(receipts.values())
-        _wait_for_version(local.hub, len(ledger.tried), timeout=30)
+        local.hub.wait_for_version(len(ledger.tried), timeout=30)
     audit = local.audit(ledger.tried, ledger.receipted)
     return _outcome(
         "edge_kill",
