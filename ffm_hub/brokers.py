@@ -24,7 +24,7 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, Self
 
 from ffm_edge.errors import BrokerError, ConfigError
 from ffm_hub.security import BrokerSecurity, amqtt_acls, mosquitto_security_lines
@@ -144,7 +144,7 @@ class ManagedBroker(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, running={self.running})"
 
-    def __enter__(self) -> ManagedBroker:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -9,5 +9,5 @@ VENV="${FFM_VENV:-.venv}"
 if [ $# -eq 0 ]; then
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
-    "$VENV/bin/mypy" ffm_edge ffm_hub
+    "$VENV/bin/mypy" ffm_edge ffm_hub tests
 fi

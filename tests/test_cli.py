@@ -26,7 +26,7 @@ from ffm_hub.cli import build_parser as hub_parser
         (edge_parser, ["run", "--help"], ["--shard", "--codec", "zeroconf", "--alpha"]),
     ],
 )
-def test_help_explains(parser, argv: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_help_explains(parser, argv: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parser().parse_args(argv)
     assert exit_info.value.code == 0

@@ -8,11 +8,12 @@ got a receipt for is in the hub's store, aggregated once.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
-from wire_device import run_edges
+from wire_device import run_edges, stored_update
 
 from ffm_edge.client import EdgeClient, RoundResult
 from ffm_edge.data import LabeledData, get_task
@@ -34,12 +35,12 @@ def sentiment_data(n: int, seed: int, skew: float) -> LabeledData:
     """Small labelled sentences built here; ``skew`` is the share of positive examples (non-IID)."""
     rng = np.random.default_rng(seed)
     labels = (rng.random(n) < skew).astype(np.int64)
-    inputs = [(str(rng.choice(POSITIVE if y else NEGATIVE)), None) for y in labels]
+    inputs: list[tuple[str, str | None]] = [(str(rng.choice(POSITIVE if y else NEGATIVE)), None) for y in labels]
     return LabeledData(get_task("sst2"), inputs, labels)
 
 
 def run_federation(
-    tmp_path: Path, make_transport: callable, *, clients: int = 3, rounds: int = 2
+    tmp_path: Path, make_transport: Callable[[str], Transport], *, clients: int = 3, rounds: int = 2
 ) -> tuple[Hub, SqliteStore, list[list[RoundResult]]]:
     spec = load_model_spec("minilm-l6-v2")
     task = get_task("sst2")
@@ -48,7 +49,7 @@ def run_federation(
     settings = HubSettings(federation="t", model=spec.name, tau=clients, chunk_size=16 * 1024)
     eval_data = sentiment_data(16, seed=99, skew=0.5)
 
-    def evaluate(state: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(state: Mapping[str, np.ndarray]) -> dict[str, float]:
         hub_trainer.load_trainable_state(state)
         return hub_trainer.evaluate(eval_data)
 
@@ -85,15 +86,16 @@ def check_federation(store: SqliteStore, results: list[list[RoundResult]], clien
     receipted = {r.update_id for per_edge in results for r in per_edge}
     assert len(receipted) == clients * rounds
     for update_id in receipted:  # no receipted update is lost, each aggregated exactly once
-        record = store.get_update(update_id)
-        assert record is not None and record.status == "aggregated"
+        update = store.get_update(update_id)
+        assert update is not None and update.status == "aggregated"
     assert store.queued() == []
     for record in versions[1:]:
+        assert record.parent is not None, "every version after the first has a parent"
         _, before = decode_global(store.load_version(record.parent))
         _, after = decode_global(store.load_version(record.version))
-        consumed = [u for u in receipted if store.get_update(u).aggregated_into == record.version]
+        consumed = [u for u in receipted if stored_update(store, u).aggregated_into == record.version]
         assert len(consumed) == clients == record.num_updates
-        total = sum(store.get_update(u).num_samples for u in consumed)
+        total = sum(stored_update(store, u).num_samples for u in consumed)
         expected = {k: v.astype(np.float64) for k, v in before.items()}
         for update_id in consumed:
             meta, delta = decode_update(store.load_update(update_id))

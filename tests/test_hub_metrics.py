@@ -25,7 +25,7 @@ def delta(value: float) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture()
-def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
+def hub(tmp_path: Path):
     with memory_hub(tmp_path / "store") as running:
         yield running
 
@@ -41,14 +41,14 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_metrics_of_a_running_hub(hub) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_of_a_running_hub(hub) -> None:
     broker, h = hub
     device = Device(broker, "d1")
     device.send_update(delta(1.0))
-    assert device.next(Receipt).queue_length == 1  # type: ignore[attr-defined]
+    assert device.next(Receipt).queue_length == 1
     device.send_update(delta(float("nan")))
     # The hub counts before it answers, so the rejection's arrival means the counters are final.
-    assert device.next(Rejection).reason == "non_finite"  # type: ignore[attr-defined]
+    assert device.next(Rejection).reason == "non_finite"
 
     server, port = start_metrics_server(h, 0)
     try:
@@ -73,7 +73,7 @@ def test_metrics_of_a_running_hub(hub) -> None:  # type: ignore[no-untyped-def]
     assert not [key for key in samples if key[0] == "ffm_global_version_metric"]
 
 
-def test_version_metrics_after_an_aggregation(hub) -> None:  # type: ignore[no-untyped-def]
+def test_version_metrics_after_an_aggregation(hub) -> None:
     broker, h = hub
     device = Device(broker, "d1")
     for value in (1.0, 3.0):
@@ -97,7 +97,7 @@ def test_version_metrics_after_an_aggregation(hub) -> None:  # type: ignore[no-u
     assert metric["num_samples"] == 20 and metric["devices"] == 1
 
 
-def test_server_stops_and_reports_a_busy_port(hub) -> None:  # type: ignore[no-untyped-def]
+def test_server_stops_and_reports_a_busy_port(hub) -> None:
     _broker, h = hub
     server, port = start_metrics_server(h, 0)
     try:
@@ -112,7 +112,7 @@ def test_server_stops_and_reports_a_busy_port(hub) -> None:  # type: ignore[no-u
         start_metrics_server(h, 70000)
 
 
-def test_missing_package_is_a_config_error(hub, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_missing_package_is_a_config_error(hub, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     _broker, h = hub

@@ -38,7 +38,7 @@ STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
 
 
 @pytest.fixture()
-def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+def setup(tmp_path: Path):
     broker = InMemoryBroker()
     transport = InMemoryTransport(broker, "hub")
     transport.connect()
@@ -54,7 +54,7 @@ def delta(a: float = 1.0, h: float = 0.0) -> dict[str, np.ndarray]:
     return {"lora_A": np.full((2, 3), a, np.float32), "head": np.full(2, h, np.float32)}
 
 
-def test_tau_triggers_sample_weighted_fedavg(setup) -> None:  # type: ignore[no-untyped-def]
+def test_tau_triggers_sample_weighted_fedavg(setup) -> None:
     broker, hub, store = setup
     d1, d2 = Device(broker, "d1"), Device(broker, "d2")
     d1.send_update(delta(1.0, 2.0), n=10)
@@ -70,7 +70,7 @@ def test_tau_triggers_sample_weighted_fedavg(setup) -> None:  # type: ignore[no-
     assert store.queued() == []
 
 
-def test_duplicate_update_is_receipted_once_and_counted_once(setup) -> None:  # type: ignore[no-untyped-def]
+def test_duplicate_update_is_receipted_once_and_counted_once(setup) -> None:
     broker, hub, store = setup
     d1 = Device(broker, "d1")
     meta = UpdateMeta(FED, "d1", "dup-1", 0, "lora", 10, "fp32", time.time())
@@ -95,7 +95,7 @@ def test_duplicate_update_is_receipted_once_and_counted_once(setup) -> None:  # 
         (lambda: (delta(), {"base_version": 5}), "malformed"),
     ],
 )
-def test_bad_updates_are_rejected_with_a_reason(setup, make, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_updates_are_rejected_with_a_reason(setup, make, reason: str) -> None:
     broker, hub, store = setup
     d1 = Device(broker, "d1")
     tensors, overrides = make()
@@ -131,7 +131,7 @@ def test_updates_over_the_norm_bound_are_rejected_and_at_the_bound_accepted(tmp_
         HubSettings(federation=FED, max_update_norm=float("nan"))
 
 
-def test_a_tensor_of_the_wrong_dtype_is_rejected_as_wrong_dtype(setup) -> None:  # type: ignore[no-untyped-def]
+def test_a_tensor_of_the_wrong_dtype_is_rejected_as_wrong_dtype(setup) -> None:
     broker, hub, store = setup
     d1 = Device(broker, "d1")
     meta = UpdateMeta(FED, "d1", "f64-1", 0, "lora", 10, "fp32", time.time())
@@ -147,7 +147,7 @@ def test_a_tensor_of_the_wrong_dtype_is_rejected_as_wrong_dtype(setup) -> None: 
     assert store.queued() == [] and hub.rejections == {"wrong_dtype": 1}
 
 
-def test_corrupted_and_malformed_frames_are_rejected(setup) -> None:  # type: ignore[no-untyped-def]
+def test_corrupted_and_malformed_frames_are_rejected(setup) -> None:
     broker, hub, store = setup
     d1 = Device(broker, "d1")
     meta = UpdateMeta(FED, "d1", "bad-1", 0, "lora", 10, "fp32", time.time())
@@ -162,7 +162,7 @@ def test_corrupted_and_malformed_frames_are_rejected(setup) -> None:  # type: ig
     assert store.queued() == [] and hub.counters["accepted"] == 0
 
 
-def test_hello_gets_the_manifest_and_pull_gets_the_version(setup) -> None:  # type: ignore[no-untyped-def]
+def test_hello_gets_the_manifest_and_pull_gets_the_version(setup) -> None:
     broker, _hub, _store = setup
     d1 = Device(broker, "d1")
     d1.control(Hello("d1", None, "lora"))
@@ -310,7 +310,8 @@ def test_stale_updates_are_weighted_down_and_too_stale_ones_rejected(
     assert hub.wait_idle() and hub.current_version == 3
     expected = (10 * 1.0 + 10 * 2**-0.5 * 3.0) / (10 + 10 * 2**-0.5)  # 1.8284
     np.testing.assert_allclose(hub.global_state()["lora_A"], expected, rtol=1e-6)
-    assert store.latest_version().metrics["mean_staleness"] == 0.5
+    latest = store.latest_version()
+    assert latest is not None and latest.metrics["mean_staleness"] == 0.5
     hub.stop()
     d1.transport.close()
     transport.close()

@@ -7,12 +7,13 @@ n_k-weighted mean.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 from ort_helpers import built_artifacts, require_ort, sentiment_data, short_spec
-from wire_device import run_edges
+from wire_device import run_edges, stored_update
 
 from ffm_edge.client import EdgeClient
 from ffm_edge.data import get_task
@@ -39,7 +40,7 @@ def test_torch_and_ort_devices_federate_over_mosquitto(
     hub_trainer = TorchTrainer(spec, task, "lora", seed=0)
     eval_data = sentiment_data(16, seed=99)
 
-    def evaluate(state: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(state: Mapping[str, np.ndarray]) -> dict[str, float]:
         hub_trainer.load_trainable_state(state)
         return hub_trainer.evaluate(eval_data)
 
@@ -85,12 +86,13 @@ def test_torch_and_ort_devices_federate_over_mosquitto(
     assert len(receipted) == len(devices) * rounds
     names_by_runtime: dict[str, set[tuple[str, ...]]] = {"torch": set(), "ort": set()}
     for record in versions[1:]:
+        assert record.parent is not None, "every version after the first has a parent"
         _, before = decode_global(store.load_version(record.parent))
         _, after = decode_global(store.load_version(record.version))
-        consumed = [u for u in receipted if store.get_update(u).aggregated_into == record.version]
+        consumed = [u for u in receipted if stored_update(store, u).aggregated_into == record.version]
         kinds = {"ort" if receipted[u] in ORT_DEVICES else "torch" for u in consumed}
         assert kinds == {"torch", "ort"}, "the hub accepted and aggregated updates of both runtimes"
-        total = sum(store.get_update(u).num_samples for u in consumed)
+        total = sum(stored_update(store, u).num_samples for u in consumed)
         expected = {k: v.astype(np.float64) for k, v in before.items()}
         for update_id in consumed:
             meta, delta = decode_update(store.load_update(update_id))

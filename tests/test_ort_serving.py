@@ -180,13 +180,30 @@ def test_a_device_without_torch_fetches_artifacts_from_the_hub_and_trains(
 
 
 # -- refusals ---------------------------------------------------------------------------------------------
-def _ask(broker: ManagedBroker, out: Path, federation: str, **overrides: str) -> ArtifactRejectedError:
-    asked = {"model": "minilm-l6-v2", "task": "sst2", "strategy": "lora", "runtime": "ort"} | overrides
+def _ask(
+    broker: ManagedBroker,
+    out: Path,
+    federation: str,
+    *,
+    model: str = "minilm-l6-v2",
+    task: str = "sst2",
+    strategy: str = "lora",
+    runtime: str = "ort",
+) -> ArtifactRejectedError:
     transport = _transport(broker, "asker")
     try:
         with pytest.raises(ArtifactRejectedError) as caught:
             fetch_artifacts(
-                transport, out, federation=federation, device_id="dev-1", idle_timeout=10, attempts=1, **asked
+                transport,
+                out,
+                federation=federation,
+                device_id="dev-1",
+                model=model,
+                task=task,
+                strategy=strategy,
+                runtime=runtime,
+                idle_timeout=10,
+                attempts=1,
             )
     finally:
         transport.close()

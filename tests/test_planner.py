@@ -88,7 +88,7 @@ def most_expensive_first_choice() -> int:
     ],
     ids=["plenty", "no-full", "qlora", "head-only"],
 )
-def test_planner_picks_the_most_capable_fit(budget, strategy: str, precisions: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+def test_planner_picks_the_most_capable_fit(budget, strategy: str, precisions: tuple[str, ...]) -> None:
     limit = budget()
     plan = plan_training(spec(), limit, batch_size=16, seq_len=128)
     assert plan.choice is not None

@@ -89,12 +89,12 @@ def test_sign_verify_round_trip_and_every_field_is_bound() -> None:
     meta, _ = decode_update(frame)
     sha = hashlib.sha256(unpack_envelope(frame).payload).hexdigest()
     fields = dict(federation=FED, device="d1", update_id=meta.update_id, base_version=0, payload_sha256=sha)
-    assert verify_update_signature(key.public_key(), meta.signature, **fields) == 1_000_000  # type: ignore[arg-type]
+    assert verify_update_signature(key.public_key(), meta.signature, **fields) == 1_000_000
     for name, other in (("federation", "fed2"), ("device", "d2"), ("update_id", "x"), ("base_version", 1)):
         with pytest.raises(SignatureError):
-            verify_update_signature(key.public_key(), meta.signature, **{**fields, name: other})  # type: ignore[arg-type]
+            verify_update_signature(key.public_key(), meta.signature, **{**fields, name: other})
     with pytest.raises(SignatureError):  # another device's key
-        verify_update_signature(Ed25519PrivateKey.generate().public_key(), meta.signature, **fields)  # type: ignore[arg-type]
+        verify_update_signature(Ed25519PrivateKey.generate().public_key(), meta.signature, **fields)
 
 
 def test_keypair_files(tmp_path: Path) -> None:
@@ -197,10 +197,10 @@ def secure_hub(tmp_path: Path, keys: dict[str, Ed25519PrivateKey]) -> Iterator[t
 
 def _send(device: Device, frame: bytes) -> Receipt | Rejection:
     device.send_frame(frame, _update_id(frame))
-    return device.next((Receipt, Rejection))  # type: ignore[arg-type,return-value]
+    return device.next((Receipt, Rejection))
 
 
-def test_hub_rules_with_signatures_required(secure_hub, keys) -> None:  # type: ignore[no-untyped-def]
+def test_hub_rules_with_signatures_required(secure_hub, keys) -> None:
     broker, hub, clock = secure_hub
     d1, d3 = Device(broker, "d1"), Device(broker, "d3")
     signed = sign_update_frame(_frame("d1"), keys["d1"], now=clock.now)
@@ -281,7 +281,7 @@ def test_hub_signs_manifests_and_served_frames(tmp_path: Path) -> None:
     watcher.connect()
     device.control(PullRequest("d1", -1, "pull-1", "lora"))
     completed = device.inbox.get(timeout=10)
-    verify_global_frame(completed.data, hub_key.public_key())  # type: ignore[attr-defined]
+    verify_global_frame(completed.data, hub_key.public_key())
     assert seen, "the retained manifest reaches a late subscriber"
     manifest = decode_message(seen[-1])
     assert isinstance(manifest, Manifest)
@@ -338,7 +338,7 @@ def test_a_flipped_byte_anywhere_in_a_signed_update_never_verifies(position: int
 
 
 # -- end to end over Mosquitto ----------------------------------------------------------------------------
-def test_signed_devices_over_mosquitto(mosquitto_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_signed_devices_over_mosquitto(mosquitto_broker, tmp_path: Path) -> None:
     good, enrolled_elsewhere = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     hub_key = Ed25519PrivateKey.generate()
     enrolled = tmp_path / "enrolled"
@@ -392,7 +392,7 @@ def test_signed_devices_over_mosquitto(mosquitto_broker, tmp_path: Path) -> None
         store.close()
 
 
-def test_edge_clients_sign_and_check_the_hub_over_mosquitto(mosquitto_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_edge_clients_sign_and_check_the_hub_over_mosquitto(mosquitto_broker, tmp_path: Path) -> None:
     from ffm_edge.client import EdgeClient
     from ffm_edge.data import LabeledData, get_task
     from ffm_edge.outbox import Outbox

@@ -4,6 +4,7 @@ the hub applying them (central step, revert, down-weight) on plain arrays."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,11 @@ from ffm_edge.wire import Topics, UpdateMeta, decode_global, decode_update, enco
 from ffm_hub.brokers import ManagedBroker
 from ffm_hub.hub import Hub, HubSettings
 from ffm_hub.store import SqliteStore
-from ffm_hub.switching import AdaptivePolicy, FixedSchedule, make_policy
+from ffm_hub.switching import AdaptivePolicy, FixedSchedule, SwitchingPolicy, make_policy
+
+# What Hub takes as evaluate/validate and as central_step.
+Metrics = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
+CentralStep = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @pytest.mark.parametrize(
@@ -82,7 +87,7 @@ def sentiment_data(n: int, seed: int, skew: float) -> LabeledData:
     return LabeledData(get_task("sst2"), [(str(rng.choice(POSITIVE if y else NEGATIVE)), None) for y in labels], labels)
 
 
-def score(state: dict[str, np.ndarray]) -> dict[str, float]:
+def score(state: Mapping[str, np.ndarray]) -> dict[str, float]:
     """A held-out 'accuracy' that is best when every weight equals TARGET."""
     return {"accuracy": float(1.0 - np.abs(state["w"] - TARGET).mean())}
 
@@ -94,7 +99,9 @@ def send(transport: InMemoryTransport, update_id: str, value: float, base: int) 
         transport.publish(Topics("fed").uplink_update("d1"), chunk)
 
 
-def run_hub(tmp_path: Path, policy: object, central_step: object, deltas: list[float]) -> tuple[Hub, SqliteStore]:
+def run_hub(
+    tmp_path: Path, policy: SwitchingPolicy, central_step: CentralStep | None, deltas: list[float]
+) -> tuple[Hub, SqliteStore]:
     broker = InMemoryBroker()
     hub_transport = InMemoryTransport(broker, "hub")
     hub_transport.connect()
@@ -105,8 +112,8 @@ def run_hub(tmp_path: Path, policy: object, central_step: object, deltas: list[f
         store,
         initial_state=lambda: {"w": np.zeros(3, np.float32)},
         evaluate=score,
-        central_step=central_step,  # type: ignore[arg-type]
-        policy=policy,  # type: ignore[arg-type]
+        central_step=central_step,
+        policy=policy,
     )
     hub.start()
     device = InMemoryTransport(broker, "d1")
@@ -151,7 +158,8 @@ def test_hub_downweights_and_runs_the_central_step(tmp_path: Path) -> None:
 
 def test_receipts_still_flow_with_a_policy(tmp_path: Path) -> None:
     _hub, store = run_hub(tmp_path, FixedSchedule(), None, deltas=[0.1])
-    assert store.get_update("u0") is not None and store.get_update("u0").status == "aggregated"
+    update = store.get_update("u0")
+    assert update is not None and update.status == "aggregated"
     store.close()
 
 
@@ -196,10 +204,10 @@ def run_arrays(
     deltas: list[float],
     *,
     settings: HubSettings | None = None,
-    policy: object = None,
-    central_step: object = None,
-    validate: object = None,
-    evaluate: object = score,
+    policy: SwitchingPolicy | None = None,
+    central_step: CentralStep | None = None,
+    validate: Metrics | None = None,
+    evaluate: Metrics | None = score,
 ) -> tuple[Hub, SqliteStore]:
     """A hub on plain arrays over the in-memory transport; one update per round (τ = 1) from d1."""
     broker = InMemoryBroker()
@@ -211,10 +219,10 @@ def run_arrays(
         hub_transport,
         store,
         initial_state=lambda: {"w": np.zeros(3, np.float32)},
-        evaluate=evaluate,  # type: ignore[arg-type]
-        central_step=central_step,  # type: ignore[arg-type]
-        policy=policy,  # type: ignore[arg-type]
-        validate=validate,  # type: ignore[arg-type]
+        evaluate=evaluate,
+        central_step=central_step,
+        policy=policy,
+        validate=validate,
     )
     hub.start()
     device = InMemoryTransport(broker, "d1")
@@ -266,7 +274,7 @@ def test_adaptive_undoes_a_central_step_that_hurts(tmp_path: Path) -> None:
 
 
 def test_decisions_use_the_held_out_public_data_not_the_evaluation(tmp_path: Path) -> None:
-    def test_split(state: dict[str, np.ndarray]) -> dict[str, float]:
+    def test_split(state: Mapping[str, np.ndarray]) -> dict[str, float]:
         return {"accuracy": float(1.0 - np.abs(state["w"] + 1.0).mean())}  # prefers w = -1
 
     hub, store = run_arrays(
@@ -304,7 +312,9 @@ def test_fedadam_in_the_hub_matches_the_pure_function(tmp_path: Path) -> None:
 
     settings = HubSettings(federation="fed", tau=1, server_optimizer="fedadam", server_lr=0.1)
     hub, store = run_arrays(tmp_path, [1.0, -0.5], settings=settings, evaluate=None)
-    state, m, v = {"w": np.zeros(3, np.float32)}, {}, {}
+    state = {"w": np.zeros(3, np.float32)}
+    m: dict[str, np.ndarray] = {}
+    v: dict[str, np.ndarray] = {}
     for delta in (1.0, -0.5):
         state, m, v = fedadam_step(
             state, {"w": np.full(3, delta, np.float32)}, m, v, server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3
@@ -352,7 +362,7 @@ def test_switching_on_a_real_model_over_a_real_broker(tmp_path: Path, mqtt_broke
     # central 1; round 3: aggregate, central 1
     replay = iter([0.50, 0.55, 0.60, 0.605, 0.62, 0.58, 0.55, 0.555])
 
-    def heldout(state: dict[str, np.ndarray]) -> dict[str, float]:
+    def heldout(state: Mapping[str, np.ndarray]) -> dict[str, float]:
         return {"accuracy": next(replay)}
 
     def make(client_id: str) -> MqttTransport:
@@ -402,7 +412,7 @@ def test_switching_on_a_real_model_over_a_real_broker(tmp_path: Path, mqtt_broke
     # round 2 published the plain aggregate: version 2 = version 1 + the edge's delta (η = 1, τ = 1)
     _m, v1 = decode_global(store.load_version(1))
     _m, v2 = decode_global(store.load_version(2))
-    _m, delta = decode_update(store.load_update(results[1].update_id))
+    _meta, delta = decode_update(store.load_update(results[1].update_id))
     for name, value in delta.items():
         np.testing.assert_allclose(v2[name], v1[name] + value, rtol=1e-5, atol=1e-6)
     _m, v3 = decode_global(store.load_version(3))

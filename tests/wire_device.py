@@ -25,7 +25,7 @@ from ffm_edge.wire import (
     split_frame,
 )
 from ffm_hub.hub import Hub, HubSettings
-from ffm_hub.store import SqliteStore
+from ffm_hub.store import QueuedUpdate, SqliteStore
 
 FED = "fed"
 STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
@@ -96,6 +96,13 @@ class Device:
             if isinstance(item, kind):
                 return item
         raise AssertionError(f"no {kind.__name__} within {timeout}s")
+
+
+def stored_update(store: SqliteStore, update_id: str) -> QueuedUpdate:
+    """The store's record of an update the caller knows was accepted; fails the test if it is missing."""
+    update = store.get_update(update_id)
+    assert update is not None, f"update {update_id} is not in the store"
+    return update
 
 
 def run_edges(edges: Sequence[EdgeClient], rounds: int, timeout: float = 600) -> list[list[RoundResult]]:
