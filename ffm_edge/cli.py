@@ -58,6 +58,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_broker_login(parser: argparse.ArgumentParser) -> None:
+    """The broker login flags (``ffm-hub broker-config`` files), the same on every command that connects."""
+    parser.add_argument("--username", default=None,
+                        help="broker username (default with --password-file or --tls-cert: the device id)")  # fmt: skip
+    parser.add_argument("--password-file", default=None, help="file holding the broker password (passwords/<device>)")
+    parser.add_argument("--tls-ca", default=None, help="CA of the broker's TLS certificate (turns TLS on; ca.crt)")
+    parser.add_argument("--tls-cert", default=None, help="TLS client certificate (clients/<device>.crt)")
+    parser.add_argument("--tls-key", default=None, help="key of --tls-cert")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -86,12 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", default=None, help="this device's id (default: edge-<shard index>)")
     run.add_argument("--federation", default="default", help="federation name (must match the hub's)")
     run.add_argument("--broker", default=None, help="mqtt://host:port; without it the hub is found with zeroconf")
-    run.add_argument("--username", default=None,
-                     help="broker username (default with --password-file or --tls-cert: the device id)")  # fmt: skip
-    run.add_argument("--password-file", default=None, help="file holding the broker password (passwords/<device>)")
-    run.add_argument("--tls-ca", default=None, help="CA of the broker's TLS certificate (turns TLS on; ca.crt)")
-    run.add_argument("--tls-cert", default=None, help="TLS client certificate (clients/<device>.crt)")
-    run.add_argument("--tls-key", default=None, help="key of --tls-cert")
+    _add_broker_login(run)
     run.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
     run.add_argument(
         "--strategy",
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--broker", default=None, help="mqtt://host:port; without it the hub is found with zeroconf")
     fetch.add_argument("--federation", default="default", help="federation name (must match the hub's)")
     fetch.add_argument("--device-id", default="edge-0", help="this device's id (its downlink carries the transfer)")
+    _add_broker_login(fetch)
     fetch.add_argument("--model", default="minilm-l6-v2", help="model spec name (models/*.toml) or path")
     fetch.add_argument("--strategy", default="lora", choices=("lora", "prompt", "head"), help="what trains")
     fetch.add_argument("--task", default="sst2", help="task (must be the hub's)")
@@ -276,6 +282,7 @@ def _ort_fetch(args: argparse.Namespace) -> int:
     manifest = fetch_artifacts_from_hub(
         args.broker, args.out, federation=args.federation, device_id=args.device_id,
         model=load_model_spec(args.model).name, task=args.task, strategy=args.strategy, idle_timeout=args.timeout,
+        **_fetch_login(args, args.device_id),
     )  # fmt: skip
     print(
         f"fetched ORT artifacts for {manifest.spec}/{manifest.strategy}/{manifest.task} (global version "
@@ -320,7 +327,7 @@ def _artifacts_for_run(args: argparse.Namespace, device_id: str) -> str:
     log.info("%s: fetching %s/%s ORT artifacts from the hub into %s", device_id, model, args.strategy, folder)
     fetch_artifacts_from_hub(
         args.broker, folder, federation=args.federation, device_id=device_id, model=model, task=args.task,
-        strategy=args.strategy, idle_timeout=args.fetch_timeout,
+        strategy=args.strategy, idle_timeout=args.fetch_timeout, **_fetch_login(args, device_id),
     )  # fmt: skip
     return str(folder)
 
@@ -380,6 +387,12 @@ def _broker_login(args: argparse.Namespace, device_id: str) -> dict[str, Any]:
     if args.tls_ca is not None or args.tls_cert is not None:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
     return {"broker_username": username, "broker_password": password, "broker_tls": tls}
+
+
+def _fetch_login(args: argparse.Namespace, device_id: str) -> dict[str, Any]:
+    """:func:`~ffm_edge.ort.fetch.fetch_artifacts_from_hub`'s login arguments: the same login as the run's."""
+    login = _broker_login(args, device_id)
+    return {"username": login["broker_username"], "password": login["broker_password"], "tls": login["broker_tls"]}
 
 
 def _run(args: argparse.Namespace) -> int:

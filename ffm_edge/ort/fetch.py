@@ -30,7 +30,7 @@ from pathlib import Path
 from ffm_edge.errors import ArtifactRejectedError, DecodeError, OrtArtifactError, TransportError
 from ffm_edge.ort.archive import unpack_archive
 from ffm_edge.ort.manifest import MANIFEST_NAME, ArtifactManifest, load_manifest
-from ffm_edge.transport import Transport
+from ffm_edge.transport import TlsOptions, Transport
 from ffm_edge.wire import (
     DEFAULT_LIMITS,
     ArtifactError,
@@ -302,12 +302,27 @@ def fetch_artifacts_from_hub(
     model: str,
     task: str,
     strategy: str,
+    username: str | None = None,
+    password: str | None = None,
+    tls: TlsOptions | None = None,
     discovery_timeout: float = 10.0,
-    **kwargs: object,
+    runtime: str = "ort",
+    idle_timeout: float = 60.0,
+    build_timeout: float = 900.0,
+    ask_interval: float = 5.0,
+    attempts: int = 3,
+    limits: WireLimits = DEFAULT_LIMITS,
+    on_progress: Callable[[FetchProgress], None] | None = None,
 ) -> ArtifactManifest:
     """:func:`fetch_artifacts` over a connection of its own to ``broker`` (``None``: find the hub with
     zeroconf), closed afterwards. Its MQTT client id differs from the device's EdgeClient's, so a fetch
-    never disconnects the device's own session."""
+    never disconnects the device's own session.
+
+    ``username``, ``password`` and ``tls`` are the broker login, as EdgeClient's ``broker_username``,
+    ``broker_password`` and ``broker_tls`` (a secured broker's ACL lets a device, logged in as itself,
+    ask on its own uplink and read its own downlink); without ``tls``, an ``mqtts://`` URL means TLS
+    with the system's CAs. A refused login raises :class:`~ffm_edge.errors.AuthError`.
+    """
     from ffm_edge.transport.mqtt import MqttTransport, parse_broker_url
 
     url = broker
@@ -316,11 +331,19 @@ def fetch_artifacts_from_hub(
 
         url = discover_hub(federation, timeout=discovery_timeout).broker_url
     address = parse_broker_url(url)
-    transport = MqttTransport(address.host, address.port, client_id=f"ffm-edge-{device_id}-fetch")
+    transport = MqttTransport(
+        address.host,
+        address.port,
+        client_id=f"ffm-edge-{device_id}-fetch",
+        username=username,
+        password=password,
+        tls=tls if tls is not None else address.tls,
+    )
     try:
         return fetch_artifacts(
             transport, out, federation=federation, device_id=device_id, model=model, task=task, strategy=strategy,
-            **kwargs,  # type: ignore[arg-type]
+            runtime=runtime, idle_timeout=idle_timeout, build_timeout=build_timeout, ask_interval=ask_interval,
+            attempts=attempts, limits=limits, on_progress=on_progress,
         )  # fmt: skip
     finally:
         transport.close()
