@@ -33,8 +33,11 @@ from ffm_edge.errors import (
 )
 from ffm_edge.transport import Transport
 from ffm_edge.wire import (
+    ARTIFACT_ERROR_REASONS,
     DEFAULT_LIMITS,
     MAX_DETAIL_CHARS,
+    PULL_ERROR_REASONS,
+    REJECTION_REASONS,
     ArtifactError,
     ArtifactRequest,
     ChunkAssembler,
@@ -546,7 +549,8 @@ class Hub:
         version = self.current_version if request.version == -1 else request.version
         record = self.store.get_version(version)
         if record is None:
-            error = PullError(request.transfer_id, "unknown_version", f"no version {version}")
+            reason = _sent_reason("unknown_version", PULL_ERROR_REASONS, "pull error")
+            error = PullError(request.transfer_id, reason, f"no version {version}")
             self._send(self.topics.downlink_control(device), encode_message(error))
             return
         frame = self._frame_for(version, request.strategy)
@@ -565,10 +569,9 @@ class Hub:
             return
         if self._artifacts is None:
             detail = "this hub does not serve ORT artifacts (start it with `ffm-hub serve --ort-artifacts`)"
-            self._send(
-                self.topics.downlink_control(device),
-                encode_message(ArtifactError(request.transfer_id, "disabled", detail)),
-            )
+            reason = _sent_reason("disabled", ARTIFACT_ERROR_REASONS, "artifact error")
+            error = ArtifactError(request.transfer_id, reason, detail)
+            self._send(self.topics.downlink_control(device), encode_message(error))
             return
         self._artifacts.handle(device, request, lambda: (self.current_version, self.global_state()))
 
@@ -837,6 +840,7 @@ class Hub:
             log.warning("could not publish to %s: %s", topic, exc)
 
     def _reject(self, device: str, update_id: str, reason: str, detail: str) -> None:
+        _sent_reason(reason, REJECTION_REASONS, "rejection")  # before counting: a typo is a bug, not a rejection
         self._count_rejection(reason)
         log.warning("rejected update %s from %s: %s (%s)", update_id, device, reason, detail)
         rejection = Rejection(update_id, reason, detail[:MAX_DETAIL_CHARS])
@@ -853,6 +857,14 @@ class Hub:
 
 #: Rejections not replayed to a resend: they depend on who signed and when, so each resend is checked anew.
 _UNCACHED_REASONS = frozenset({"unknown_device", "bad_signature", "replayed", "stale_timestamp"})
+
+
+def _sent_reason(reason: str, known: frozenset[str], kind: str) -> str:
+    """``reason`` if this SDK's set has it, else ``ValueError``: devices decode any well-formed code (an
+    open set, for newer hubs), so only the sender can catch a misspelt or undocumented one."""
+    if reason not in known:
+        raise ValueError(f"the hub must not send the unknown {kind} reason {reason!r} (known: {sorted(known)})")
+    return reason
 
 
 def _reason(exc: FFMError) -> str:

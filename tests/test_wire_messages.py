@@ -142,7 +142,7 @@ def test_artifact_messages() -> None:
         with pytest.raises(MalformedError):
             decode_message(json.dumps(obj).encode())
     with pytest.raises(MalformedError):
-        decode_message(json.dumps({**_obj(MESSAGES[14]), "reason": "unknown_version"}).encode())
+        decode_message(json.dumps({**_obj(MESSAGES[14]), "reason": "Unknown-Version"}).encode())
     with pytest.raises(MalformedError):
         decode_message(json.dumps({**_obj(MESSAGES[13]), "detail": None}).encode())
 
@@ -218,7 +218,7 @@ def test_malformed_messages(data: bytes) -> None:
         (5, "duplicate", 1),
         (5, "duplicate", "false"),
         (5, "update_id", None),
-        (7, "reason", "bored"),
+        (7, "reason", "Bored"),
         (7, "reason", None),
         (7, "detail", 5),
         (7, "detail", "x" * (MAX_DETAIL_CHARS + 1)),
@@ -232,7 +232,7 @@ def test_malformed_messages(data: bytes) -> None:
         (9, "metrics", None),
         (9, "tensors", True),
         (9, "model", ""),
-        (11, "reason", "non_finite"),
+        (11, "reason", "non finite"),
     ],
 )
 def test_bad_field_values(index: int, key: str, bad: Any) -> None:
@@ -252,7 +252,49 @@ def test_direct_construction_validates() -> None:
     with pytest.raises(MalformedError):
         Receipt("u", 1, 0, 1)  # type: ignore[arg-type]
     with pytest.raises(MalformedError):
-        Rejection("u", "nope", "")
+        Rejection("u", "no/pe", "")
+
+
+# --- reason codes: an open set ------------------------------------------------------------------------
+
+
+def _with_reason(kind: type[Rejection | PullError | ArtifactError], reason: object) -> Message:
+    return kind("id-1", reason, "from a newer hub")  # type: ignore[arg-type]
+
+
+REASON_KINDS = [Rejection, PullError, ArtifactError]
+FUTURE_CODES = ["some_future_reason", "x", "a" * 40, "quota_v2"]
+
+
+@pytest.mark.parametrize("kind", REASON_KINDS)
+@pytest.mark.parametrize("code", FUTURE_CODES)
+def test_unknown_well_formed_reason_codes_round_trip(
+    kind: type[Rejection | PullError | ArtifactError], code: str
+) -> None:
+    msg = _with_reason(kind, code)
+    decoded = decode_message(encode_message(msg))
+    assert decoded == msg and isinstance(decoded, kind)
+    assert decoded.reason == code and decoded.known_reason is False
+
+
+def test_known_reason_is_true_for_this_sdks_codes() -> None:
+    assert all(Rejection("u", r, "").known_reason for r in REJECTION_REASONS)
+    assert all(PullError("t", r, "").known_reason for r in PULL_ERROR_REASONS)
+    assert all(ArtifactError("t", r, "").known_reason for r in ARTIFACT_ERROR_REASONS)
+
+
+MALFORMED_CODES: list[object] = ["", "Stale", "STALE", "no such", " stale", "stale\n", "a" * 41, "9lives", "_x",
+                                 "stale-ish", "ünknown", None, 7, 1.5, True, ["stale"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", REASON_KINDS)
+@pytest.mark.parametrize("bad", MALFORMED_CODES)
+def test_malformed_reason_codes_are_refused(kind: type[Rejection | PullError | ArtifactError], bad: object) -> None:
+    with pytest.raises(MalformedError, match="reason"):
+        _with_reason(kind, bad)
+    obj = {**_obj(_with_reason(kind, "internal")), "reason": bad}
+    with pytest.raises(MalformedError, match="reason"):
+        decode_message(json.dumps(obj).encode())
 
 
 def test_encode_refuses_non_messages() -> None:

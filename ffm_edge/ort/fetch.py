@@ -229,7 +229,13 @@ def _wait(
     last_ask = time.monotonic()
     while True:
         with cond:
-            if receiver.error is not None:
+            if receiver.error is not None:  # a refusal, whatever the reason: asking again would not help
+                if not receiver.error.known_reason:
+                    log.warning(
+                        "the hub's artifact error reason %r is not known to this SDK version (a newer hub?); "
+                        "handled as any other refusal",
+                        receiver.error.reason,
+                    )
                 raise ArtifactRejectedError(receiver.error.reason, receiver.error.detail)
             if receiver.frame is not None:
                 return receiver.frame, ""

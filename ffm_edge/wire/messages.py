@@ -3,6 +3,11 @@
 Each message is a frozen dataclass validated on construction; on the wire it is one JSON object with
 ``"v"`` (the control protocol version) and ``"type"`` next to the fields. Unknown types, unknown
 fields and wrong types are refused, so a hub and a device never guess at each other's intent.
+
+Reason codes (of :class:`Rejection`, :class:`PullError`, :class:`ArtifactError`) are the exception: they are
+an open set, like HTTP status codes. Any well-formed code decodes, so a newer hub can add one without an
+older device dropping its answer; ``known_reason`` tells whether this SDK knows the code, and a code it does
+not know is handled as the generic failure of that kind. Senders stay strict (the hub sends known codes).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
 from ffm_edge.wire.topics import (
     check_bool,
     check_choice,
+    check_code,
     check_float,
     check_int,
     check_metrics,
@@ -181,7 +187,7 @@ class Receipt(_Message):
 
 @dataclass(frozen=True)
 class Rejection(_Message):
-    """Hub → edge: the update is refused for ``reason`` (one of :data:`REJECTION_REASONS`)."""
+    """Hub → edge: the update is refused for ``reason`` (:data:`REJECTION_REASONS`, or a newer hub's code)."""
 
     type: ClassVar[str] = "rejection"
 
@@ -191,8 +197,13 @@ class Rejection(_Message):
 
     def __post_init__(self) -> None:
         validate_id(self.update_id, "update id")
-        check_choice(self.reason, "rejection reason", REJECTION_REASONS)
+        check_code(self.reason, "rejection reason")
         check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
+
+    @property
+    def known_reason(self) -> bool:
+        """Whether this SDK knows ``reason`` (False: a newer hub's code, still a permanent rejection)."""
+        return self.reason in REJECTION_REASONS
 
 
 @dataclass(frozen=True)
@@ -237,7 +248,7 @@ class Manifest(_Message):
 
 @dataclass(frozen=True)
 class PullError(_Message):
-    """Hub → edge: a :class:`PullRequest` cannot be served (``reason`` in :data:`PULL_ERROR_REASONS`)."""
+    """Hub → edge: a :class:`PullRequest` cannot be served (``reason``: :data:`PULL_ERROR_REASONS` or newer)."""
 
     type: ClassVar[str] = "pull_error"
 
@@ -247,8 +258,13 @@ class PullError(_Message):
 
     def __post_init__(self) -> None:
         validate_id(self.transfer_id, "transfer id")
-        check_choice(self.reason, "pull error reason", PULL_ERROR_REASONS)
+        check_code(self.reason, "pull error reason")
         check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
+
+    @property
+    def known_reason(self) -> bool:
+        """Whether this SDK knows ``reason`` (False: a newer hub's code, still a failed pull)."""
+        return self.reason in PULL_ERROR_REASONS
 
 
 @dataclass(frozen=True)
@@ -293,7 +309,7 @@ class ArtifactPending(_Message):
 
 @dataclass(frozen=True)
 class ArtifactError(_Message):
-    """Hub → edge: an :class:`ArtifactRequest` cannot be served (``reason`` in :data:`ARTIFACT_ERROR_REASONS`)."""
+    """Hub → edge: an :class:`ArtifactRequest` cannot be served (``reason``: :data:`ARTIFACT_ERROR_REASONS` or new)."""
 
     type: ClassVar[str] = "artifact_error"
 
@@ -303,8 +319,13 @@ class ArtifactError(_Message):
 
     def __post_init__(self) -> None:
         validate_id(self.transfer_id, "transfer id")
-        check_choice(self.reason, "artifact error reason", ARTIFACT_ERROR_REASONS)
+        check_code(self.reason, "artifact error reason")
         check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
+
+    @property
+    def known_reason(self) -> bool:
+        """Whether this SDK knows ``reason`` (False: a newer hub's code, still a refusal)."""
+        return self.reason in ARTIFACT_ERROR_REASONS
 
 
 Message = (

@@ -98,6 +98,18 @@ def check_choice(value: object, what: str, choices: frozenset[str] | tuple[str, 
     return value
 
 
+#: A reason code: snake_case, 1-40 characters, starting with a letter.
+CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def check_code(value: object, what: str) -> str:
+    """A well-formed reason code, known to this SDK or not: codes are an open set (like HTTP status codes),
+    so a newer peer can add one without every older decoder refusing the whole message."""
+    if not isinstance(value, str) or CODE_PATTERN.fullmatch(value) is None:
+        raise MalformedError(f"{what} must be a snake_case code ({CODE_PATTERN.pattern}), got {value!r:.60}")
+    return value
+
+
 def check_sha256(value: object, what: str) -> str:
     """A sha256 digest as 64 lowercase hex digits."""
     if not isinstance(value, str) or _HEX64.fullmatch(value) is None:
