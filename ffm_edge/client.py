@@ -704,7 +704,8 @@ class EdgeClient:
             created_at=time.time(),
             metrics={"train_loss": report.mean_loss, "train_seconds": report.seconds},
         )
-        frame = encode_update(meta, delta)
+        # A strategy that sparsifies (full_q8 top_k < 1) says so; an ORT strategy has no such attribute.
+        frame = encode_update(meta, delta, sparse=bool(getattr(self.trainer.strategy, "sends_sparse", False)))
         self.outbox.put(meta.update_id, frame)
         self._last_base = base
         self._rounds += 1

@@ -67,7 +67,11 @@ _TENSORS: dict[str, np.ndarray] = {
 UPDATE_FRAME = encode_update(_META, _TENSORS)
 GLOBAL_FRAME = encode_global(GlobalMeta("fed", 3, 2, "org/m", "lora", "fp16", 1.0, 4), _TENSORS)
 ARTIFACTS_FRAME = encode_artifacts(ArtifactMeta("fed", "org/m", "sst2", "lora", "ort", 3, "tar", 2, 1.0), b"tar" * 40)
-PAYLOADS = [encode_tensors(_TENSORS, codec) for codec in CODECS]
+_TOPK = np.zeros((8, 25), np.float32)
+_TOPK[[0, 3, 7], [1, 24, 9]] = [0.5, -1.25, 2.0]
+#: Format-2 payloads: "t" travels as values + ``t::index`` (uint32), the rest dense.
+SPARSE_PAYLOADS = [encode_tensors({**_TENSORS, "t": _TOPK}, codec, sparse=True) for codec in CODECS]
+PAYLOADS = [encode_tensors(_TENSORS, codec) for codec in CODECS] + SPARSE_PAYLOADS
 CHUNKS = split_frame(UPDATE_FRAME[:300], chunk_size=64, transfer_id="t1", limits=LIMITS)
 MESSAGE_BYTES = [
     encode_message(Receipt("u1", 3, 0, False)),

@@ -78,7 +78,7 @@ class Strategy(ABC):
     What the trainer asks of a strategy: ``base_precision`` (how to load the base), ``validate_spec``
     (fail fast, before loading), ``prepare`` (wrap and freeze), ``compute_dtype`` (the dtype of floating
     inputs), ``gradient_checkpointing``, ``make_optimizer``, and ``finalize_update`` (a last transform
-    of the delta an edge sends, e.g. top-k sparsification).
+    of the delta an edge sends, e.g. top-k sparsification); the client also reads ``sends_sparse``.
     """
 
     name: ClassVar[str]
@@ -127,6 +127,12 @@ class Strategy(ABC):
     def finalize_update(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The delta an edge sends, from the raw one (trained minus global); identity by default."""
         return dict(delta)
+
+    @property
+    def sends_sparse(self) -> bool:
+        """Whether :meth:`finalize_update` leaves mostly zeros, so the client encodes the update sparse
+        (values + indices, payload format 2, which only upgraded hubs read); False by default."""
+        return False
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for logs and manifests."""

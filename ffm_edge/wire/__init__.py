@@ -1,6 +1,7 @@
 """The FFM wire format, shared by edge and hub: stdlib + numpy + safetensors only, never pickle.
 
-- :mod:`~ffm_edge.wire.codec`: tensors ↔ safetensors bytes (fp32 / fp16 / per-channel int8).
+- :mod:`~ffm_edge.wire.codec`: tensors ↔ safetensors bytes (fp32 / fp16 / per-channel int8; optionally
+  sparse values + indices for mostly-zero tensors).
 - :mod:`~ffm_edge.wire.envelope`: the versioned, hashed frame around updates, global versions and
   archives of training artifacts.
 - :mod:`~ffm_edge.wire.chunking`: large frames as hashed chunks, reassembled with bounded memory.
@@ -23,6 +24,7 @@ from ffm_edge.wire.chunking import (
 )
 from ffm_edge.wire.codec import (
     CODECS,
+    INDEX_SUFFIX,
     SCALE_SUFFIX,
     decode_payload,
     decode_tensors,
@@ -78,6 +80,7 @@ __all__ = [
     "CODECS",
     "DEFAULT_LIMITS",
     "ENVELOPE_KINDS",
+    "INDEX_SUFFIX",
     "MAGIC",
     "MAX_DETAIL_CHARS",
     "MESSAGE_TYPES",

@@ -8,12 +8,25 @@ quantization step per element. A 0-d or 1-d tensor gets a single scale, of shape
 ``(shape[0], 1, ..., 1)`` for axis 0, ``(1, ..., 1, shape[-1])`` for the last axis. So a LoRA ``lora_B``
 of 384×8 carries 8 scales, not 384. The decoder accepts either of the two shapes and nothing else.
 
+Sparse tensors (format ``"2"``, opt-in with ``encode_tensors(..., sparse=True)``): a tensor that is
+mostly zeros (a top-k delta) travels as its nonzero values, a 1-d tensor under its own name in the
+codec's dtype (int8: one per-tensor scale of shape ``(1,)``), plus their flat C-order indices under
+``name::index`` (uint32 when the element count fits, else int64), strictly increasing; the dense shapes
+are a JSON object ``{name: shape}`` in the metadata key ``ffm_sparse``. A tensor goes sparse only when
+that is smaller than dense for it; a payload without sparse tensors is format ``"1"``, byte for byte
+what this module wrote before sparse tensors existed. Decoders read both formats and return dense
+arrays, so a format-2 payload needs an upgraded reader: upgrade hubs before devices.
+
 Decoding validates the safetensors header itself, with the limits, *before* safetensors allocates
-anything, and maps every failure onto :class:`~ffm_edge.errors.DecodeError` subclasses.
+anything, and maps every failure onto :class:`~ffm_edge.errors.DecodeError` subclasses. For a sparse
+tensor that includes its dense shape, bounded by ``WireLimits.max_tensor_elements`` and, per byte of
+payload, by ``WireLimits.max_sparse_expansion``, so a small payload cannot make a decoder allocate a
+large dense array; indices are checked (sorted, unique, in range) before the dense array is built.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Mapping
@@ -30,7 +43,9 @@ from ffm_edge.wire.topics import check_int, check_keys, loads_json_object
 __all__ = [
     "CODECS",
     "FORMAT_VERSION",
+    "INDEX_SUFFIX",
     "SCALE_SUFFIX",
+    "SPARSE_FORMAT_VERSION",
     "decode_payload",
     "decode_tensors",
     "encode_tensors",
@@ -39,7 +54,14 @@ __all__ = [
 
 CODECS = ("fp32", "fp16", "int8")
 SCALE_SUFFIX = "::scale"
+#: Suffix of the flat indices of a sparse tensor's values.
+INDEX_SUFFIX = "::index"
+#: Format of payloads without sparse tensors (what every reader understands).
 FORMAT_VERSION = "1"
+#: Format of payloads with at least one sparse tensor.
+SPARSE_FORMAT_VERSION = "2"
+_FORMATS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
+_SPARSE_KEY = "ffm_sparse"
 
 _META_KEY = "__metadata__"
 _MAX_NDIM = 32
@@ -47,7 +69,11 @@ _INT8_MAX = 127
 #: Largest scale whose product with any int8 value stays finite in float32.
 _MAX_SCALE = float(np.finfo(np.float32).max) / 128.0
 _TINY_SCALE = np.float32(np.finfo(np.float32).smallest_subnormal)
-_ITEMSIZE = {"F32": 4, "F16": 2, "I8": 1}
+_ITEMSIZE = {"F32": 4, "F16": 2, "I8": 1, "U32": 4, "I64": 8}
+_CODEC_ITEMSIZE = {"fp32": 4, "fp16": 2, "int8": 1}
+_INDEX_DTYPES = ("U32", "I64")
+#: Largest element count whose flat indices fit uint32.
+_U32_ELEMENTS = 1 << 32
 
 
 def _c_order(array: np.ndarray) -> np.ndarray:
@@ -162,8 +188,37 @@ def quantization_step(array: np.ndarray) -> np.ndarray:
     return _int8_scales(view, axis, "array").reshape(_scale_shape(values.shape))
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
+def _sparse_header_bytes(name: str) -> int:
+    """A lower bound on the header bytes a sparse tensor adds (its index entry and its shape in the metadata)."""
+    return 2 * len(name.encode("utf-8")) + 64
+
+
+#: Header bytes a sparse tensor may add beyond :func:`_sparse_header_bytes` (offsets' digits, the
+#: ``ffm_sparse`` key, padding): counted when choosing, so sparse is chosen only when clearly smaller.
+_SPARSE_HEADER_SLACK = 64
+
+
+def _sparse_wins(name: str, array: np.ndarray, nonzero: int, codec: str) -> bool:
+    """Whether ``array`` with ``nonzero`` nonzeros is smaller sparse than dense, and decodes within the default
+    ``max_sparse_expansion`` (below that density, e.g. a huge all-zero tensor, it travels dense)."""
+    size = array.size
+    itemsize = _CODEC_ITEMSIZE[codec]
+    index_size = 4 if size <= _U32_ELEMENTS else 8
+    dense = size * itemsize
+    sparse = nonzero * (itemsize + index_size) + _sparse_header_bytes(name)
+    if codec == "int8":
+        dense += 4 * math.prod(_scale_shape(array.shape))
+        sparse += 4
+    return sparse + _SPARSE_HEADER_SLACK < dense and size <= DEFAULT_LIMITS.max_sparse_expansion * sparse
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str, *, sparse: bool = False) -> bytes:
     """Serialize ``tensors`` with ``codec`` into safetensors bytes.
+
+    ``sparse=True`` sends each tensor that is smaller that way as its nonzero values and their indices
+    (see the module docstring); the payload is then format ``"2"``, which readers older than format 2
+    refuse. With ``sparse=False`` (default), or when no tensor is smaller sparse, the payload is format
+    ``"1"`` and byte-identical to what this function always wrote.
 
     Raises ``ValueError`` for a programming error on the sender: unknown codec, bad names, non-numeric
     dtypes, or non-finite values with ``int8``. The bytes are not canonical (safetensors orders the
@@ -172,9 +227,19 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
     stored: dict[str, np.ndarray] = {}
+    dense_shapes: dict[str, list[int]] = {}
     for raw_name, value in tensors.items():
         name = _check_name(raw_name)
         array = _as_real_array(name, value)
+        if sparse:
+            flat = _c_order(array).reshape(-1)
+            nonzero = int(np.count_nonzero(flat))
+            if _sparse_wins(name, array, nonzero, codec):
+                index = np.flatnonzero(flat)
+                values = flat[index]
+                dense_shapes[name] = [int(d) for d in array.shape]
+                stored[name + INDEX_SUFFIX] = index.astype(np.uint32 if array.size <= _U32_ELEMENTS else np.int64)
+                array = values  # the 1-d values take the dense tensor's place below
         if codec == "int8":
             quantized, scales = _quantize_int8(name, array)
             stored[name] = _c_order(quantized)
@@ -184,6 +249,9 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
             with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values travel as inf
                 stored[name] = _c_order(array.astype(target))
     metadata = {"ffm_codec": codec, "ffm_format": FORMAT_VERSION}
+    if dense_shapes:
+        metadata["ffm_format"] = SPARSE_FORMAT_VERSION
+        metadata[_SPARSE_KEY] = json.dumps(dense_shapes, sort_keys=True, separators=(",", ":"))
     return safetensors.numpy.save(stored, metadata=metadata)
 
 
@@ -200,32 +268,81 @@ def _read_header(data: bytes, limits: WireLimits) -> tuple[dict[str, Any], int]:
     return header, len(data) - 8 - header_len
 
 
-def _read_codec(metadata: object) -> str:
+def _read_metadata(metadata: object) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The codec and the dense shapes of the sparse tensors (empty for format 1)."""
     if metadata is None:
         raise MalformedError("payload has no __metadata__ (codec unknown)")
-    meta = check_keys(metadata, "payload metadata", required=("ffm_codec", "ffm_format"))
+    if not isinstance(metadata, dict):
+        raise MalformedError(f"payload metadata must be an object, got {type(metadata).__name__}")
+    version = metadata.get("ffm_format")
+    if isinstance(version, str) and version not in _FORMATS:
+        raise ProtocolVersionError(f"payload format {version!r}; this code reads formats {_FORMATS}")
+    optional = (_SPARSE_KEY,) if version == SPARSE_FORMAT_VERSION else ()
+    meta = check_keys(metadata, "payload metadata", required=("ffm_codec", "ffm_format", *optional))
     if not all(isinstance(v, str) for v in meta.values()):
         raise MalformedError("payload metadata values must be strings")
-    if meta["ffm_format"] != FORMAT_VERSION:
-        raise ProtocolVersionError(f"payload format {meta['ffm_format']!r}; this code reads format {FORMAT_VERSION!r}")
     codec = meta["ffm_codec"]
     if codec not in CODECS:
         raise MalformedError(f"unknown codec {codec!r}")
-    return str(codec)
+    sparse = _read_sparse_shapes(meta[_SPARSE_KEY]) if optional else {}
+    return str(codec), sparse
+
+
+def _read_sparse_shapes(raw: str) -> dict[str, tuple[int, ...]]:
+    """Parse ``ffm_sparse``: a non-empty JSON object of tensor names to dense shapes."""
+    shapes = loads_json_object(raw.encode("utf-8"), f"metadata {_SPARSE_KEY}")
+    if not shapes:
+        raise MalformedError(f"format {SPARSE_FORMAT_VERSION} payload lists no sparse tensor")
+    result: dict[str, tuple[int, ...]] = {}
+    for name, shape_value in shapes.items():
+        if not name or "::" in name or name == _META_KEY:
+            raise MalformedError(f"sparse tensor name {name!r} is not allowed")
+        if not isinstance(shape_value, list) or len(shape_value) > _MAX_NDIM:
+            raise MalformedError(f"sparse tensor {name!r} has an invalid dense shape")
+        result[name] = tuple(check_int(d, f"dense dimension of {name!r}", minimum=0) for d in shape_value)
+    return result
+
+
+def _check_sparse_sizes(sparse: Mapping[str, tuple[int, ...]], payload_size: int, limits: WireLimits) -> int:
+    """Bound what the sparse tensors decode to, before anything is read; return their dense element count."""
+    total = 0
+    for shape in sparse.values():
+        total += math.prod(shape)
+        if total > limits.max_tensor_elements:
+            raise OversizedError(f"sparse tensors decode to more than {limits.max_tensor_elements} elements")
+    if total > limits.max_sparse_expansion * payload_size:
+        raise OversizedError(
+            f"sparse tensors decode to {total} elements from a {payload_size}-byte payload; "
+            f"limit is {limits.max_sparse_expansion} per byte"
+        )
+    return total
 
 
 def _expected_dtype(codec: str, name: str) -> str:
+    if name.endswith(INDEX_SUFFIX):
+        return "U32 or I64"
     if codec == "int8":
         return "F32" if name.endswith(SCALE_SUFFIX) else "I8"
     return "F32" if codec == "fp32" else "F16"
 
 
+def _base_name(name: str, codec: str, sparse: Mapping[str, tuple[int, ...]]) -> str:
+    """``name`` without the one suffix it may carry (``::scale`` with int8, ``::index`` in format 2)."""
+    if codec == "int8" and name.endswith(SCALE_SUFFIX):
+        return name[: -len(SCALE_SUFFIX)]
+    if sparse and name.endswith(INDEX_SUFFIX):
+        return name[: -len(INDEX_SUFFIX)]
+    return name
+
+
 def _validate_entries(
-    header: dict[str, Any], data_size: int, limits: WireLimits
-) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """Check names, dtypes, shapes, offsets and limits; return the codec and ``{name: shape}``."""
-    codec = _read_codec(header.pop(_META_KEY, None))
-    if len(header) > 2 * limits.max_tensors:
+    header: dict[str, Any], data_size: int, limits: WireLimits, payload_size: int
+) -> tuple[str, dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Check names, dtypes, shapes, offsets and limits; return the codec, ``{name: shape}`` of every stored
+    entry, and ``{name: dense shape}`` of the sparse tensors."""
+    codec, sparse = _read_metadata(header.pop(_META_KEY, None))
+    sparse_elements = _check_sparse_sizes(sparse, payload_size, limits)
+    if len(header) > (3 if sparse else 2) * limits.max_tensors:
         raise OversizedError(f"payload holds {len(header)} entries; limit is {limits.max_tensors} tensors")
     shapes: dict[str, tuple[int, ...]] = {}
     spans: list[tuple[int, int]] = []
@@ -233,13 +350,15 @@ def _validate_entries(
     for name, entry in header.items():
         if not name:
             raise MalformedError("empty tensor name")
-        base = name[: -len(SCALE_SUFFIX)] if codec == "int8" and name.endswith(SCALE_SUFFIX) else name
+        base = _base_name(name, codec, sparse)
         if not base or "::" in base:
             raise MalformedError(f"tensor name {name!r} is not allowed with codec {codec}")
         fields = check_keys(entry, f"entry {name!r}", required=("dtype", "shape", "data_offsets"))
         dtype = fields["dtype"]
-        if dtype != _expected_dtype(codec, name):
-            raise WrongDtypeError(f"tensor {name!r} has dtype {dtype!r}, unexpected for codec {codec}")
+        is_index = base != name and name.endswith(INDEX_SUFFIX)
+        if (dtype not in _INDEX_DTYPES) if is_index else (dtype != _expected_dtype(codec, name)):
+            expected = _expected_dtype(codec, name)
+            raise WrongDtypeError(f"tensor {name!r} has dtype {dtype!r}, expected {expected} with codec {codec}")
         shape_value = fields["shape"]
         if not isinstance(shape_value, list) or len(shape_value) > _MAX_NDIM:
             raise MalformedError(f"tensor {name!r} has an invalid shape")
@@ -266,9 +385,13 @@ def _validate_entries(
         raise TruncatedError(f"tensor data needs {position} bytes, payload has {data_size}")
     if position < data_size:
         raise MalformedError(f"payload has {data_size - position} trailing bytes")
-    tensors = {n for n in shapes if not (codec == "int8" and n.endswith(SCALE_SUFFIX))}
+    tensors = {n for n in shapes if _base_name(n, codec, sparse) == n}
     if len(tensors) > limits.max_tensors:
         raise OversizedError(f"payload holds {len(tensors)} tensors; limit is {limits.max_tensors}")
+    dense_elements = sum(math.prod(shapes[n]) for n in tensors if n not in sparse)
+    if dense_elements + sparse_elements > limits.max_tensor_elements:
+        raise OversizedError(f"payload decodes to more than {limits.max_tensor_elements} tensor elements")
+    _validate_sparse(shapes, sparse)
     if codec == "int8":
         for name in tensors:
             scale_shape = shapes.get(name + SCALE_SUFFIX)
@@ -281,7 +404,42 @@ def _validate_entries(
         for name in shapes:
             if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in shapes:
                 raise MalformedError(f"scale {name!r} has no tensor")
-    return codec, shapes
+    return codec, shapes, sparse
+
+
+def _validate_sparse(shapes: Mapping[str, tuple[int, ...]], sparse: Mapping[str, tuple[int, ...]]) -> None:
+    """Each sparse tensor has 1-d values and indices of one length, no more than its dense elements;
+    every ``::index`` belongs to a sparse tensor."""
+    for name, dense_shape in sparse.items():
+        values = shapes.get(name)
+        index = shapes.get(name + INDEX_SUFFIX)
+        if values is None:
+            raise MalformedError(f"sparse tensor {name!r} has no values")
+        if index is None:
+            raise MalformedError(f"sparse tensor {name!r} has no {INDEX_SUFFIX}")
+        if len(values) != 1 or len(index) != 1:
+            raise MalformedError(f"sparse tensor {name!r} must store 1-d values and indices")
+        if values != index:
+            raise MalformedError(f"sparse tensor {name!r} has {values[0]} values but {index[0]} indices")
+        if values[0] > math.prod(dense_shape):
+            raise MalformedError(f"sparse tensor {name!r} has more values than its dense shape {dense_shape} holds")
+    for name in shapes:
+        if name.endswith(INDEX_SUFFIX) and name[: -len(INDEX_SUFFIX)] not in sparse:
+            raise MalformedError(f"index {name!r} belongs to no sparse tensor")
+
+
+def _densify(name: str, values: np.ndarray, index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The dense float32 array of a sparse tensor, once its indices are known to be sorted, unique, in range."""
+    count = math.prod(shape)
+    flat_index = index.astype(np.int64)
+    if flat_index.size:
+        if flat_index[0] < 0 or flat_index[-1] >= count:
+            raise MalformedError(f"sparse tensor {name!r} has an index outside its {count} elements")
+        if flat_index.size > 1 and not np.all(flat_index[1:] > flat_index[:-1]):
+            raise MalformedError(f"sparse tensor {name!r} has indices that are not strictly increasing")
+    dense = np.zeros(count, dtype=np.float32)
+    dense[flat_index] = values
+    return dense.reshape(shape)
 
 
 def _dequantize(name: str, quantized: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -306,7 +464,7 @@ def decode_tensors(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> dict[
 def decode_payload(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> tuple[str, dict[str, np.ndarray]]:
     """Like :func:`decode_tensors`, and also return the codec the payload declares."""
     header, data_size = _read_header(data, limits)
-    codec, shapes = _validate_entries(header, data_size, limits)
+    codec, shapes, sparse = _validate_entries(header, data_size, limits, len(data))
     try:
         loaded = safetensors.numpy.load(data)
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:
@@ -315,10 +473,13 @@ def decode_payload(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> tuple
         raise MalformedError("safetensors returned different tensors than the header lists")
     result: dict[str, np.ndarray] = {}
     for name in sorted(shapes):
+        if _base_name(name, codec, sparse) != name:
+            continue  # a scale or an index, read with its tensor
         if codec == "int8":
-            if name.endswith(SCALE_SUFFIX):
-                continue
-            result[name] = _dequantize(name, loaded[name], loaded[name + SCALE_SUFFIX])
+            values = _dequantize(name, loaded[name], loaded[name + SCALE_SUFFIX])
         else:
-            result[name] = loaded[name].astype(np.float32)
+            values = loaded[name].astype(np.float32)
+        if name in sparse:
+            values = _densify(name, values, loaded[name + INDEX_SUFFIX], sparse[name])
+        result[name] = values
     return codec, result

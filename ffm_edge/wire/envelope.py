@@ -309,9 +309,15 @@ def _decode_payload(payload: bytes, codec: str, limits: WireLimits) -> dict[str,
     return tensors
 
 
-def encode_update(meta: UpdateMeta, tensors: Mapping[str, np.ndarray], *, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
-    """An update frame: ``tensors`` encoded with ``meta.codec`` inside an ``"update"`` envelope."""
-    return pack_envelope("update", meta.to_dict(), encode_tensors(tensors, meta.codec), limits=limits)
+def encode_update(
+    meta: UpdateMeta, tensors: Mapping[str, np.ndarray], *, limits: WireLimits = DEFAULT_LIMITS, sparse: bool = False
+) -> bytes:
+    """An update frame: ``tensors`` encoded with ``meta.codec`` inside an ``"update"`` envelope.
+
+    ``sparse=True`` sends mostly-zero tensors (a top-k delta) as values and indices: a format-2 payload
+    that only hubs with this SDK version or later decode (upgrade hubs before devices).
+    """
+    return pack_envelope("update", meta.to_dict(), encode_tensors(tensors, meta.codec, sparse=sparse), limits=limits)
 
 
 def decode_update(data: bytes, *, limits: WireLimits = DEFAULT_LIMITS) -> tuple[UpdateMeta, dict[str, np.ndarray]]:

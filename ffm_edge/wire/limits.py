@@ -25,8 +25,14 @@ class WireLimits:
     max_header_bytes: int = 64 * 1024
     #: Most tensors in one payload (int8 scales are not counted as tensors).
     max_tensors: int = 10_000
-    #: Most elements summed over every stored tensor of a payload (int8 scales included).
+    #: Most elements summed over every stored tensor of a payload (int8 scales included); also bounds the
+    #: elements a payload decodes to, sparse tensors counted at their dense size.
     max_tensor_elements: int = 200_000_000
+    #: Most dense elements the sparse tensors of a payload may decode to, per byte of the payload. A dense
+    #: tensor decodes to at most one element per byte; this keeps a small sparse payload from making a
+    #: decoder allocate a large array (1 KiB decodes to at most 4 MiB of float32). The encoder sends a
+    #: tensor dense when it is sparser than this allows (below about 1/5,000 nonzero with int8).
+    max_sparse_expansion: int = 1024
     #: Largest data part of one chunk frame, in bytes (keep well under the broker's message limit).
     max_chunk_bytes: int = 4 * MiB
     #: Most chunks in one transfer.
