@@ -11,10 +11,13 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ffm_edge.errors import FFMError
 from ffm_edge.logs import LOG_FORMATS, setup_logging
+
+if TYPE_CHECKING:
+    from ffm_edge.strategies.base import Strategy
 
 __all__ = ["main"]
 
@@ -27,6 +30,9 @@ examples:
 
   # an explicit broker, the offline digits data with EfficientNet-Lite0
   ffm-edge run --broker mqtt://127.0.0.1:1883 --model efficientnet-lite0 --task digits --shard 1/3
+
+  # set a strategy's config fields (`ffm-edge strategies` lists them): full_q8 sending the top 1% of its delta
+  ffm-edge run --strategy full_q8 --strategy-option top_k=0.01 --task sst2 --shard 0/3
 
   # train without torch: build ONNX Runtime artifacts once (where torch is), then run on ORT
   ffm-edge ort-build --model minilm-l6-v2 --strategy lora --task sst2 --out ort-lora
@@ -104,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to train: lora, prompt, head, full_q8, or auto (the planner picks what fits --budget)",
     )
     run.add_argument(
+        "--strategy-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="set a field of the named strategy's config (repeatable), e.g. top_k=0.01 for full_q8 (send the "
+        "largest 1%% of each delta, sparse), r=16 for lora, num_virtual_tokens=8 for prompt, base_precision=int8 "
+        "for head; `ffm-edge strategies` lists every field with its type, default and help. Torch runtime only",
+    )
+    run.add_argument(
         "--budget", default=None, help="memory the SDK may use, e.g. 600MB; a named strategy is checked against it"
     )
     run.add_argument("--task", default="sst2", help="dataset the local shard comes from (sst2, mrpc, digits, ...)")
@@ -168,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sign every update with this private key (ffm-edge keygen; enrolled on the hub)")  # fmt: skip
     run.add_argument("--hub-key", default=None, metavar="FILE",
                      help="the hub's public key: refuse manifests and global versions it did not sign")  # fmt: skip
+    sub.add_parser(
+        "strategies",
+        help="list every strategy with the config fields --strategy-option sets (types, defaults, help)",
+        description="Every registered training strategy, most capable first, with its config fields: the "
+        "KEY=VALUE options of `ffm-edge run --strategy NAME --strategy-option KEY=VALUE`. Needs torch.",
+    )
     keygen = sub.add_parser("keygen", help="write a device signing key: OUT/NAME.key (0600) and OUT/NAME.pub")
     keygen.add_argument("--out", required=True, help="folder to write (created)")
     keygen.add_argument("--name", default="device", help="file name stem, e.g. the device id (default: device)")
@@ -395,11 +416,53 @@ def _fetch_login(args: argparse.Namespace, device_id: str) -> dict[str, Any]:
     return {"username": login["broker_username"], "password": login["broker_password"], "tls": login["broker_tls"]}
 
 
+def _strategy_for_run(args: argparse.Namespace) -> Strategy | str:
+    """``--strategy`` as EdgeClient takes it: the name, or with ``--strategy-option`` a configured Strategy.
+
+    Options configure a torch strategy, so they are refused on ORT, whose artifacts fix the strategy.
+    """
+    from ffm_edge.errors import ConfigError
+
+    if not args.strategy_option:
+        return args.strategy
+    if args.runtime == "ort" or (args.runtime == "auto" and args.ort_artifacts is not None):
+        raise ConfigError(
+            "--strategy-option configures a torch strategy, but on the ORT runtime the artifacts fix the strategy "
+            "and its config (ffm-edge ort-build); pass --runtime torch, or drop the options"
+        )
+    options: dict[str, str] = {}
+    for item in args.strategy_option:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--strategy-option takes KEY=VALUE, like top_k=0.01; got {item!r}")
+        if key in options:
+            raise ConfigError(f"--strategy-option {key} is given twice ({options[key]!r} and {value!r})")
+        options[key] = value
+    try:
+        from ffm_edge.strategies import strategy_from_options
+    except ImportError as exc:
+        raise ConfigError(f"--strategy-option needs PyTorch, which is not usable here: {exc}") from exc
+    return strategy_from_options(args.strategy, options)
+
+
+def _strategies(args: argparse.Namespace) -> int:
+    from ffm_edge.errors import ConfigError
+
+    try:
+        from ffm_edge.strategies import format_strategy_options
+    except ImportError as exc:
+        raise ConfigError(f"the strategies need PyTorch, which is not usable here: {exc}") from exc
+    print(format_strategy_options())
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from ffm_edge.client import EdgeClient, ProgressEvent, RoundResult
     from ffm_edge.data import describe, dirichlet_partition, load_split, reveal_stream
     from ffm_edge.errors import ConfigError
 
+    strategy = _strategy_for_run(args)  # bad options fail before any data or weight is loaded
     if args.runtime != "ort":  # a device on ORT never imports torch
         try:
             import torch
@@ -458,7 +521,7 @@ def _run(args: argparse.Namespace) -> int:
         device_id=device_id,
         federation=args.federation,
         broker=args.broker,
-        strategy=args.strategy,
+        strategy=strategy,
         memory_budget=args.budget,
         codec=args.codec,
         local_epochs=args.epochs,
@@ -478,6 +541,8 @@ def _run(args: argparse.Namespace) -> int:
         **_broker_login(args, device_id),
     )
     log.info("%s trains %s on the %s runtime", device_id, client.trainer.strategy.name, client.runtime)
+    if args.strategy_option:
+        log.info("%s strategy config: %s", device_id, client.trainer.strategy.describe())
     signal.signal(signal.SIGTERM, lambda *_: client.stop())
     signal.signal(signal.SIGINT, lambda *_: client.stop())
     with client:
@@ -519,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ort_fetch(args)
         if args.command == "keygen":
             return _keygen(args)
+        if args.command == "strategies":
+            return _strategies(args)
     except FFMError as exc:
         log.error("%s", exc)
         return 2

@@ -2,6 +2,7 @@
 
 ``lora`` (and QLoRA on an nf4 base), ``head``, ``prompt`` and ``full_q8``; optional backends (peft,
 bitsandbytes) are imported only when a strategy prepares a model or builds its optimizer.
+:mod:`.options` sets a strategy's config from ``KEY=VALUE`` text (``ffm-edge run --strategy-option``).
 """
 
 from ffm_edge.strategies.base import (
@@ -16,6 +17,12 @@ from ffm_edge.strategies.base import (
 from ffm_edge.strategies.full_q8 import FullQ8Config, FullQ8Strategy, topk_sparsify
 from ffm_edge.strategies.head import HeadConfig, HeadStrategy
 from ffm_edge.strategies.lora import LoraConfig, LoraStrategy
+from ffm_edge.strategies.options import (
+    OptionField,
+    format_strategy_options,
+    strategy_from_options,
+    strategy_option_fields,
+)
 from ffm_edge.strategies.prompt import PromptConfig, PromptStrategy
 
 __all__ = [
@@ -27,14 +34,18 @@ __all__ = [
     "HeadStrategy",
     "LoraConfig",
     "LoraStrategy",
+    "OptionField",
     "PromptConfig",
     "PromptStrategy",
     "Strategy",
     "StrategyConfig",
+    "format_strategy_options",
     "get_strategy",
     "head_module_names",
     "register_strategy",
     "strategies_by_capability",
+    "strategy_from_options",
+    "strategy_option_fields",
     "topk_sparsify",
 ]
 
