@@ -557,8 +557,7 @@ class EdgeClient:
                 frame = self._pull_frames.pop(transfer_id, None)
                 error = self._pull_errors.pop(transfer_id, None)
             if error is not None:
-                if not error.known_reason:
-                    _warn_unknown_reason("pull error", error.reason)
+                error.warn_if_unknown(log)
                 raise TransportError(f"hub cannot serve version {version}: {error.reason} ({error.detail})")
             if ok and frame is not None:
                 return self._load_global(frame)
@@ -649,8 +648,7 @@ class EdgeClient:
                 self.outbox.acknowledge(update_id)
                 return result
             if isinstance(result, Rejection):  # permanent, whatever the reason: a resend gets the same answer
-                if not result.known_reason:
-                    _warn_unknown_reason("rejection", result.reason)
+                result.warn_if_unknown(log)
                 self.outbox.reject(update_id, result.reason, result.detail)
                 raise RejectedUpdateError(update_id, result.reason, result.detail)
             delay = min(2.0**attempt, 30.0)
@@ -777,16 +775,6 @@ class EdgeClient:
     def _progress(self, stage: str, done: int, total: int, detail: str = "") -> None:
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(stage, done, total, detail))
-
-
-def _warn_unknown_reason(kind: str, reason: str) -> None:
-    """Say that a newer hub sent a code this SDK does not know; it is handled as the generic failure."""
-    log.warning(
-        "the hub's %s reason %r is not known to this SDK version (a newer hub?); handled as any other %s",
-        kind,
-        reason,
-        kind,
-    )
 
 
 def _load_keys(

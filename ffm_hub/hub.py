@@ -33,11 +33,8 @@ from ffm_edge.errors import (
 )
 from ffm_edge.transport import Transport
 from ffm_edge.wire import (
-    ARTIFACT_ERROR_REASONS,
     DEFAULT_LIMITS,
     MAX_DETAIL_CHARS,
-    PULL_ERROR_REASONS,
-    REJECTION_REASONS,
     ArtifactError,
     ArtifactRequest,
     ChunkAssembler,
@@ -549,8 +546,7 @@ class Hub:
         version = self.current_version if request.version == -1 else request.version
         record = self.store.get_version(version)
         if record is None:
-            reason = _sent_reason("unknown_version", PULL_ERROR_REASONS, "pull error")
-            error = PullError(request.transfer_id, reason, f"no version {version}")
+            error = PullError(request.transfer_id, "unknown_version", f"no version {version}").sendable()
             self._send(self.topics.downlink_control(device), encode_message(error))
             return
         frame = self._frame_for(version, request.strategy)
@@ -569,8 +565,7 @@ class Hub:
             return
         if self._artifacts is None:
             detail = "this hub does not serve ORT artifacts (start it with `ffm-hub serve --ort-artifacts`)"
-            reason = _sent_reason("disabled", ARTIFACT_ERROR_REASONS, "artifact error")
-            error = ArtifactError(request.transfer_id, reason, detail)
+            error = ArtifactError(request.transfer_id, "disabled", detail).sendable()
             self._send(self.topics.downlink_control(device), encode_message(error))
             return
         self._artifacts.handle(device, request, lambda: (self.current_version, self.global_state()))
@@ -840,10 +835,10 @@ class Hub:
             log.warning("could not publish to %s: %s", topic, exc)
 
     def _reject(self, device: str, update_id: str, reason: str, detail: str) -> None:
-        _sent_reason(reason, REJECTION_REASONS, "rejection")  # before counting: a typo is a bug, not a rejection
+        # Built before counting: an unlisted reason is a bug (ValueError), not a rejection.
+        rejection = Rejection(update_id, reason, detail[:MAX_DETAIL_CHARS]).sendable()
         self._count_rejection(reason)
         log.warning("rejected update %s from %s: %s (%s)", update_id, device, reason, detail)
-        rejection = Rejection(update_id, reason, detail[:MAX_DETAIL_CHARS])
         if reason not in _UNCACHED_REASONS:  # a forger must not poison the answer to the real device's id
             self._recent_rejections[update_id] = rejection
         while len(self._recent_rejections) > 4096:  # bounded: oldest first
@@ -857,14 +852,6 @@ class Hub:
 
 #: Rejections not replayed to a resend: they depend on who signed and when, so each resend is checked anew.
 _UNCACHED_REASONS = frozenset({"unknown_device", "bad_signature", "replayed", "stale_timestamp"})
-
-
-def _sent_reason(reason: str, known: frozenset[str], kind: str) -> str:
-    """``reason`` if this SDK's set has it, else ``ValueError``: devices decode any well-formed code (an
-    open set, for newer hubs), so only the sender can catch a misspelt or undocumented one."""
-    if reason not in known:
-        raise ValueError(f"the hub must not send the unknown {kind} reason {reason!r} (known: {sorted(known)})")
-    return reason
 
 
 def _reason(exc: FFMError) -> str:

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from wire_device import STATE, Device, memory_hub
 
 from ffm_edge.client import EdgeClient, PreparedUpdate
-from ffm_edge.errors import ArtifactRejectedError, DecodeError, RejectedUpdateError, TransportError
+from ffm_edge.errors import ArtifactRejectedError, DecodeError, MalformedError, RejectedUpdateError, TransportError
 from ffm_edge.ort.fetch import fetch_artifacts
 from ffm_edge.runtime import TrainReport
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport, MqttTransport, Transport
@@ -35,9 +36,7 @@ from ffm_edge.wire import (
     encode_update,
     parse_chunk,
 )
-from ffm_hub.artifacts import _artifact_error
 from ffm_hub.brokers import ManagedBroker
-from ffm_hub.hub import _sent_reason
 from ffm_hub.reliability.crash_runner import ArrayEdgeClient
 
 FED = "fed"
@@ -187,23 +186,25 @@ def test_an_artifact_error_with_an_unknown_reason_is_a_typed_refusal(
 
 
 # -- the hub side stays strict -------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("known", "kind"),
-    [(REJECTION_REASONS, "rejection"), (PULL_ERROR_REASONS, "pull error"), (ARTIFACT_ERROR_REASONS, "artifact error")],
-)
-def test_the_hub_sends_only_reasons_its_sdk_knows(known: frozenset[str], kind: str) -> None:
+_REFUSALS: list[tuple[Callable[[str], Rejection | PullError | ArtifactError], frozenset[str], str]] = [
+    (lambda reason: Rejection("u-1", reason, ""), REJECTION_REASONS, "rejection"),
+    (lambda reason: PullError("t-1", reason, ""), PULL_ERROR_REASONS, "pull_error"),
+    (lambda reason: ArtifactError("t-1", reason, ""), ARTIFACT_ERROR_REASONS, "artifact_error"),
+]
+
+
+@pytest.mark.parametrize(("build", "known", "kind"), _REFUSALS)
+def test_the_hub_sends_only_reasons_its_sdk_knows(
+    build: Callable[[str], Rejection | PullError | ArtifactError], known: frozenset[str], kind: str
+) -> None:
     for reason in known:
-        assert _sent_reason(reason, known, kind) == reason
-    for reason in (FUTURE, "non_finit", "Stale"):
+        message = build(reason)
+        assert message.sendable() is message and message.reason == reason
+    for reason in (FUTURE, "non_finit"):  # well-formed, so a device decodes them; a hub must not send them
         with pytest.raises(ValueError, match=kind):
-            _sent_reason(reason, known, kind)
-
-
-def test_the_artifact_service_sends_only_reasons_its_sdk_knows() -> None:
-    for reason in ARTIFACT_ERROR_REASONS:
-        assert _artifact_error("t-1", reason, "").reason == reason
-    with pytest.raises(ValueError, match=FUTURE):
-        _artifact_error("t-1", FUTURE, "")
+            build(reason).sendable()
+    with pytest.raises(MalformedError):  # not even a well-formed code: cannot be built at all
+        build("Stale")
 
 
 def test_the_hub_refuses_to_reject_for_an_unknown_reason(tmp_path: Path) -> None:

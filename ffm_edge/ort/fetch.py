@@ -230,12 +230,7 @@ def _wait(
     while True:
         with cond:
             if receiver.error is not None:  # a refusal, whatever the reason: asking again would not help
-                if not receiver.error.known_reason:
-                    log.warning(
-                        "the hub's artifact error reason %r is not known to this SDK version (a newer hub?); "
-                        "handled as any other refusal",
-                        receiver.error.reason,
-                    )
+                receiver.error.warn_if_unknown(log)
                 raise ArtifactRejectedError(receiver.error.reason, receiver.error.detail)
             if receiver.frame is not None:
                 return receiver.frame, ""

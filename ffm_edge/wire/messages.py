@@ -12,8 +12,9 @@ not know is handled as the generic failure of that kind. Senders stay strict (th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from ffm_edge.errors import MalformedError, OversizedError, ProtocolVersionError
 from ffm_edge.wire.codec import CODECS
@@ -115,6 +116,37 @@ class _Message(_StrictMeta):
         return f"{cls.type} message"
 
 
+class _Refusal(_Message):
+    """A hub's "no" with a reason code. Codes are an open set on decode (a newer hub may add one) and the
+    listed ones on send; the rule lives here once for :class:`Rejection`, :class:`PullError` and
+    :class:`ArtifactError`."""
+
+    #: The codes this SDK knows for this kind of refusal.
+    KNOWN_REASONS: ClassVar[frozenset[str]]
+    reason: str
+
+    @property
+    def known_reason(self) -> bool:
+        """Whether this SDK knows ``reason`` (False: a newer hub's code, handled as the generic refusal)."""
+        return self.reason in self.KNOWN_REASONS
+
+    def sendable(self) -> Self:
+        """This message, if its reason is one this SDK lists; ``ValueError`` otherwise. Devices decode any
+        well-formed code, so only the sender can catch a misspelt or undocumented one."""
+        if not self.known_reason:
+            raise ValueError(f"the hub must not send the unknown {self.type} reason {self.reason!r}")
+        return self
+
+    def warn_if_unknown(self, logger: logging.Logger) -> None:
+        """Log that a newer hub sent a code this SDK does not know (it is handled as any other)."""
+        if not self.known_reason:
+            logger.warning(
+                "the hub's %s reason %r is not known to this SDK version (a newer hub?); handled as any other",
+                self.type,
+                self.reason,
+            )
+
+
 @dataclass(frozen=True)
 class Hello(_Message):
     """Edge → hub on connect: who I am, which global version I hold, how I train."""
@@ -186,10 +218,11 @@ class Receipt(_Message):
 
 
 @dataclass(frozen=True)
-class Rejection(_Message):
+class Rejection(_Refusal):
     """Hub → edge: the update is refused for ``reason`` (:data:`REJECTION_REASONS`, or a newer hub's code)."""
 
     type: ClassVar[str] = "rejection"
+    KNOWN_REASONS: ClassVar[frozenset[str]] = REJECTION_REASONS
 
     update_id: str
     reason: str
@@ -199,11 +232,6 @@ class Rejection(_Message):
         validate_id(self.update_id, "update id")
         check_code(self.reason, "rejection reason")
         check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
-
-    @property
-    def known_reason(self) -> bool:
-        """Whether this SDK knows ``reason`` (False: a newer hub's code, still a permanent rejection)."""
-        return self.reason in REJECTION_REASONS
 
 
 @dataclass(frozen=True)
@@ -247,10 +275,11 @@ class Manifest(_Message):
 
 
 @dataclass(frozen=True)
-class PullError(_Message):
+class PullError(_Refusal):
     """Hub → edge: a :class:`PullRequest` cannot be served (``reason``: :data:`PULL_ERROR_REASONS` or newer)."""
 
     type: ClassVar[str] = "pull_error"
+    KNOWN_REASONS: ClassVar[frozenset[str]] = PULL_ERROR_REASONS
 
     transfer_id: str
     reason: str
@@ -260,11 +289,6 @@ class PullError(_Message):
         validate_id(self.transfer_id, "transfer id")
         check_code(self.reason, "pull error reason")
         check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
-
-    @property
-    def known_reason(self) -> bool:
-        """Whether this SDK knows ``reason`` (False: a newer hub's code, still a failed pull)."""
-        return self.reason in PULL_ERROR_REASONS
 
 
 @dataclass(frozen=True)
@@ -308,10 +332,11 @@ class ArtifactPending(_Message):
 
 
 @dataclass(frozen=True)
-class ArtifactError(_Message):
+class ArtifactError(_Refusal):
     """Hub → edge: an :class:`ArtifactRequest` cannot be served (``reason``: :data:`ARTIFACT_ERROR_REASONS` or new)."""
 
     type: ClassVar[str] = "artifact_error"
+    KNOWN_REASONS: ClassVar[frozenset[str]] = ARTIFACT_ERROR_REASONS
 
     transfer_id: str
     reason: str
@@ -321,11 +346,6 @@ class ArtifactError(_Message):
         validate_id(self.transfer_id, "transfer id")
         check_code(self.reason, "artifact error reason")
         check_text(self.detail, "detail", max_chars=MAX_DETAIL_CHARS, allow_empty=True)
-
-    @property
-    def known_reason(self) -> bool:
-        """Whether this SDK knows ``reason`` (False: a newer hub's code, still a refusal)."""
-        return self.reason in ARTIFACT_ERROR_REASONS
 
 
 Message = (
