@@ -11,13 +11,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NamedTuple
 
 from ffm_edge.errors import FFMError
 from ffm_edge.logs import LOG_FORMATS, setup_logging
 
 if TYPE_CHECKING:
     from ffm_edge.strategies.base import Strategy
+    from ffm_edge.transport.mqtt import TlsOptions
 
 __all__ = ["main"]
 
@@ -303,7 +304,7 @@ def _ort_fetch(args: argparse.Namespace) -> int:
     manifest = fetch_artifacts_from_hub(
         args.broker, args.out, federation=args.federation, device_id=args.device_id,
         model=load_model_spec(args.model).name, task=args.task, strategy=args.strategy, idle_timeout=args.timeout,
-        **_fetch_login(args, args.device_id),
+        **_broker_login(args, args.device_id)._asdict(),
     )  # fmt: skip
     print(
         f"fetched ORT artifacts for {manifest.spec}/{manifest.strategy}/{manifest.task} (global version "
@@ -312,11 +313,12 @@ def _ort_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _artifacts_for_run(args: argparse.Namespace, device_id: str) -> str:
+def _artifacts_for_run(args: argparse.Namespace, device_id: str, login: _BrokerLogin | None = None) -> str:
     """The artifact folder ``run --runtime ort`` trains from, fetched from the hub when there is none yet.
 
     Without ``--ort-artifacts`` the folder is ``<state dir>/ort-artifacts/<strategy>``, reused while it
-    verifies and is for this model, task and strategy.
+    verifies and is for this model, task and strategy. ``login`` is the run's broker login (read from the
+    flags when not given), so a secured broker lets the fetch in as the device.
     """
     import tempfile
     from pathlib import Path
@@ -348,7 +350,7 @@ def _artifacts_for_run(args: argparse.Namespace, device_id: str) -> str:
     log.info("%s: fetching %s/%s ORT artifacts from the hub into %s", device_id, model, args.strategy, folder)
     fetch_artifacts_from_hub(
         args.broker, folder, federation=args.federation, device_id=device_id, model=model, task=args.task,
-        strategy=args.strategy, idle_timeout=args.fetch_timeout, **_fetch_login(args, device_id),
+        strategy=args.strategy, idle_timeout=args.fetch_timeout, **(login or _broker_login(args, device_id))._asdict(),
     )  # fmt: skip
     return str(folder)
 
@@ -388,8 +390,16 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _broker_login(args: argparse.Namespace, device_id: str) -> dict[str, Any]:
-    """EdgeClient's broker_* arguments from --username/--password-file/--tls-*; none by default."""
+class _BrokerLogin(NamedTuple):
+    """The broker login from --username/--password-file/--tls-*, read once per command."""
+
+    username: str | None
+    password: str | None
+    tls: TlsOptions | None
+
+
+def _broker_login(args: argparse.Namespace, device_id: str) -> _BrokerLogin:
+    """The login the flags describe (none by default); the same for the device's session and its fetches."""
     from pathlib import Path
 
     from ffm_edge.errors import ConfigError
@@ -407,13 +417,7 @@ def _broker_login(args: argparse.Namespace, device_id: str) -> dict[str, Any]:
     tls = None
     if args.tls_ca is not None or args.tls_cert is not None:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
-    return {"broker_username": username, "broker_password": password, "broker_tls": tls}
-
-
-def _fetch_login(args: argparse.Namespace, device_id: str) -> dict[str, Any]:
-    """:func:`~ffm_edge.ort.fetch.fetch_artifacts_from_hub`'s login arguments: the same login as the run's."""
-    login = _broker_login(args, device_id)
-    return {"username": login["broker_username"], "password": login["broker_password"], "tls": login["broker_tls"]}
+    return _BrokerLogin(username, password, tls)
 
 
 def _strategy_for_run(args: argparse.Namespace) -> Strategy | str:
@@ -488,7 +492,8 @@ def _run(args: argparse.Namespace) -> int:
             device_id, len(local), shard_size, args.stream_per_round,
         )  # fmt: skip
 
-    ort_artifacts = _artifacts_for_run(args, device_id) if args.runtime == "ort" else args.ort_artifacts
+    login = _broker_login(args, device_id)
+    ort_artifacts = _artifacts_for_run(args, device_id, login) if args.runtime == "ort" else args.ort_artifacts
 
     bar = None
     if not args.no_progress:
@@ -538,7 +543,9 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
         device_key=args.device_key,
         hub_public_key=args.hub_key,
-        **_broker_login(args, device_id),
+        broker_username=login.username,
+        broker_password=login.password,
+        broker_tls=login.tls,
     )
     log.info("%s trains %s on the %s runtime", device_id, client.trainer.strategy.name, client.runtime)
     if args.strategy_option:

@@ -380,10 +380,10 @@ def test_edge_run_flags_become_the_broker_login(plain_security: BrokerSecurity) 
     pw_file = str(plain_security.password_path("d1"))
     args = build_parser().parse_args(["run", "--password-file", pw_file, "--tls-ca", "ca.crt"])
     login = edge_login(args, "d1")
-    assert login["broker_username"] == "d1" and login["broker_password"] == _password(plain_security, "d1")
-    assert login["broker_tls"] == TlsOptions("ca.crt")
-    assert edge_login(build_parser().parse_args(["run"]), "d1") == {
-        "broker_username": None,
-        "broker_password": None,
-        "broker_tls": None,
+    assert login.username == "d1" and login.password == _password(plain_security, "d1")
+    assert login.tls == TlsOptions("ca.crt")
+    assert edge_login(build_parser().parse_args(["run"]), "d1")._asdict() == {
+        "username": None,
+        "password": None,
+        "tls": None,
     }

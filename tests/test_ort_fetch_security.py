@@ -225,17 +225,17 @@ def test_a_wrong_password_is_an_auth_error(tls_hub: SecuredHub, tmp_path: Path) 
 
 
 def test_ort_fetch_takes_the_login_flags() -> None:
-    from ffm_edge.cli import _fetch_login, build_parser
+    from ffm_edge.cli import _broker_login, build_parser
 
     args = build_parser().parse_args(["ort-fetch", "--out", "x", "--device-id", "dev-1", "--tls-ca", "ca.crt",
                                       "--tls-cert", "c.crt", "--tls-key", "c.key"])  # fmt: skip
-    assert _fetch_login(args, args.device_id) == {
+    assert _broker_login(args, args.device_id)._asdict() == {
         "username": "dev-1",  # the device id, as for `run`
         "password": None,
         "tls": TlsOptions("ca.crt", "c.crt", "c.key"),
     }
     plain = build_parser().parse_args(["ort-fetch", "--out", "x"])
-    assert _fetch_login(plain, "edge-0") == {"username": None, "password": None, "tls": None}
+    assert _broker_login(plain, "edge-0")._asdict() == {"username": None, "password": None, "tls": None}
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     flags = ("--username", "--password-file", "--tls-ca", "--tls-cert", "--tls-key")

@@ -318,12 +318,12 @@ def _check_sparse_sizes(sparse: Mapping[str, tuple[int, ...]], payload_size: int
     return total
 
 
-def _expected_dtype(codec: str, name: str) -> str:
+def _expected_dtypes(codec: str, name: str) -> tuple[str, ...]:
     if name.endswith(INDEX_SUFFIX):
-        return "U32 or I64"
+        return _INDEX_DTYPES
     if codec == "int8":
-        return "F32" if name.endswith(SCALE_SUFFIX) else "I8"
-    return "F32" if codec == "fp32" else "F16"
+        return ("F32",) if name.endswith(SCALE_SUFFIX) else ("I8",)
+    return ("F32",) if codec == "fp32" else ("F16",)
 
 
 def _base_name(name: str, codec: str, sparse: Mapping[str, tuple[int, ...]]) -> str:
@@ -355,10 +355,10 @@ def _validate_entries(
             raise MalformedError(f"tensor name {name!r} is not allowed with codec {codec}")
         fields = check_keys(entry, f"entry {name!r}", required=("dtype", "shape", "data_offsets"))
         dtype = fields["dtype"]
-        is_index = base != name and name.endswith(INDEX_SUFFIX)
-        if (dtype not in _INDEX_DTYPES) if is_index else (dtype != _expected_dtype(codec, name)):
-            expected = _expected_dtype(codec, name)
-            raise WrongDtypeError(f"tensor {name!r} has dtype {dtype!r}, expected {expected} with codec {codec}")
+        dtypes = _expected_dtypes(codec, name)
+        if dtype not in dtypes:
+            wanted = " or ".join(dtypes)
+            raise WrongDtypeError(f"tensor {name!r} has dtype {dtype!r}, expected {wanted} with codec {codec}")
         shape_value = fields["shape"]
         if not isinstance(shape_value, list) or len(shape_value) > _MAX_NDIM:
             raise MalformedError(f"tensor {name!r} has an invalid shape")
