@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dp-seed", type=int, default=None,
                        help="dp_fedavg: seed of the noise, for reproducible experiments only (default: OS "
                        "entropy; anyone who knows the seed can remove the noise)")  # fmt: skip
+    serve.add_argument("--downlink-codec", default="fp32", choices=("fp32", "fp16", "int8"),
+                       help="codec of the global versions devices pull: fp16 halves the bytes down, int8 "
+                       "(per-channel scales) quarters them; the hub keeps, aggregates and evaluates fp32")  # fmt: skip
     serve.add_argument("--state-dir", type=Path, default=Path("ffm-hub-state"), help="durable queue and versions")
     serve.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
     serve.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"),
@@ -227,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the last N clients train on onnxruntime-training without torch (the hub runs with "
                       "--ort-artifacts and sends them the artifacts it builds; needs the ort extra)")  # fmt: skip
     demo.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"), help="update encoding")
+    demo.add_argument("--downlink-codec", default="fp32", choices=("fp32", "fp16", "int8"),
+                      help="encoding of the global versions the clients pull (the hub keeps fp32)")  # fmt: skip
+    demo.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="a strategy setting passed to every torch client (repeatable; see `ffm-edge "
+                      "strategies`), e.g. lora's r=16")  # fmt: skip
     demo.add_argument("--eval-limit", type=int, default=500, help="held-out examples evaluated per version")
     demo.add_argument("--broker-kind", default="auto", choices=("auto", "mosquitto", "amqtt"), help="broker")
     demo.add_argument("--workdir", type=Path, default=None, help="logs and state (default: a temp folder)")
@@ -303,6 +311,7 @@ def _serve(args: argparse.Namespace) -> int:
             dp_clip=args.dp_clip,
             dp_noise_multiplier=args.dp_noise_multiplier,
             dp_seed=args.dp_seed,
+            downlink_codec=args.downlink_codec,
             state_dir=args.state_dir,
             broker=args.broker,
             broker_kind=args.broker_kind,
@@ -444,6 +453,8 @@ def _demo(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             epochs=args.epochs,
             codec=args.codec,
+            downlink_codec=args.downlink_codec,
+            strategy_options=tuple(args.strategy_option),
             eval_limit=args.eval_limit,
             broker_kind=args.broker_kind,
             workdir=args.workdir,

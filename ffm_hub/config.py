@@ -218,6 +218,10 @@ FIELDS: tuple[ConfigField, ...] = (
                 "leave out for no bound", example=10.0, check=_positive_finite),
     ConfigField("aggregation", "chunk_size", "chunk_size", "int", _D.chunk_size,
                 "bytes per MQTT message when a global version is sent in chunks", check=_chunk_size),
+    ConfigField("aggregation", "downlink_codec", "downlink_codec", "str", _D.downlink_codec,
+                "codec of the global versions devices pull: fp32, fp16 (half the bytes) or int8 (per-channel "
+                "scales, about a quarter); versions are stored, aggregated and evaluated in fp32 either way, and "
+                "one that fp16 or int8 cannot hold is sent fp32", check=_one_of("fp32", "fp16", "int8")),
     ConfigField("switching", "central_epochs", "central_epochs", "int", _D.central_epochs,
                 "epochs of training on the hub's public data after each aggregation (0 = federated only)",
                 check=_at_least(0)),

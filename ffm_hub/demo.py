@@ -44,6 +44,8 @@ class DemoOptions:
     alpha: float = 1.0
     epochs: int = 2
     codec: str = "int8"
+    downlink_codec: str = "fp32"  # what the clients pull; the hub keeps fp32
+    strategy_options: tuple[str, ...] = ()  # KEY=VALUE strategy settings for every torch client
     eval_limit: int = 500
     broker_kind: str = "auto"
     workdir: Path | None = None
@@ -132,6 +134,20 @@ def _check_ort_strategies(strategies: list[str]) -> None:
             raise FFMError(f"an ORT client cannot train {strategy!r}; the ORT runtime trains {sorted(ORT_STRATEGIES)}")
 
 
+def _check_strategy_options(options: tuple[str, ...], strategies: set[str]) -> None:
+    """Refuse bad ``--strategy-option`` values here, not in N edge logs: each torch client's strategy must take
+    them (so the planner's ``auto`` cannot, as the options would not know which strategy they set)."""
+    if not options:
+        return
+    if "auto" in strategies:
+        raise FFMError("--strategy-option sets a named strategy; give each client one with --client-strategies")
+    from ffm_edge.strategies import strategy_from_options
+
+    parsed = dict(option.partition("=")[::2] for option in options)
+    for name in sorted(strategies):
+        strategy_from_options(name, parsed)  # ConfigError: unknown key or bad value for this strategy
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -214,13 +230,14 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
         for i, (asked, budget, chosen) in enumerate(assignments):
             print(f"edge-{i}: strategy {asked}{f' with budget {budget}' if budget else ''} -> {chosen}", flush=True)
     _check_ort_strategies([assignments[i][2] for i in sorted(on_ort)])
+    _check_strategy_options(opts.strategy_options, {assignments[i][0] for i in range(opts.clients) if i not in on_ort})
     for i in sorted(on_ort):
         print(f"edge-{i}: runtime ort (onnxruntime-training, no torch; artifacts fetched from the hub)", flush=True)
     hub_cmd = [
         py, "-m", "ffm_hub.cli", "serve", "--federation", opts.federation, "--model", model, "--task", task,
         "--tau", str(opts.clients), "--state-dir", str(workdir / "hub"), "--broker-kind", opts.broker_kind,
         "--broker-port", str(port), "--eval-limit", str(opts.eval_limit), "--threads", "1",
-        "--strategy", primary, "--also-strategies", ",".join(others),
+        "--strategy", primary, "--also-strategies", ",".join(others), "--downlink-codec", opts.downlink_codec,
     ] + (["--ort-artifacts"] if on_ort else [])  # fmt: skip
     print(f"logs:  {workdir}", flush=True)
 
@@ -271,6 +288,8 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
                 edge_cmd += ["--runtime", "ort"]
             elif budget:
                 edge_cmd += ["--budget", budget]
+            if i not in on_ort:
+                edge_cmd += [arg for option in opts.strategy_options for arg in ("--strategy-option", option)]
             edges.append(_spawn(edge_cmd, workdir / f"edge-{i}.log", env))
         print(f"started a hub and {opts.clients} edge clients on {url}", flush=True)
         rows = _observe(opts, manifests, metric, hub, edges, workdir, started)

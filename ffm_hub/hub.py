@@ -33,6 +33,7 @@ from ffm_edge.errors import (
 )
 from ffm_edge.transport import Transport
 from ffm_edge.wire import (
+    CODECS,
     DEFAULT_LIMITS,
     MAX_DETAIL_CHARS,
     ArtifactError,
@@ -74,7 +75,7 @@ if TYPE_CHECKING:
     from ffm_hub.artifacts import ArtifactService
     from ffm_hub.signing import HubSecurity
 
-__all__ = ["Hub", "HubSettings"]
+__all__ = ["STORED_CODEC", "Hub", "HubSettings", "downlink_codec_for"]
 
 log = logging.getLogger("ffm.hub")
 
@@ -83,6 +84,32 @@ _WHOLE_UPDATE = frozenset({"krum", "multi_krum"})
 
 State = dict[str, np.ndarray]
 Evaluator = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
+
+
+#: How the hub stores global versions: exact, so that aggregation, evaluation and recovery never see the
+#: rounding of the downlink codec (``HubSettings.downlink_codec``), which applies only to what devices pull.
+STORED_CODEC = "fp32"
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def downlink_codec_for(state: Mapping[str, np.ndarray], codec: str) -> tuple[str, str | None]:
+    """The codec to send ``state`` to devices with: ``codec``, or fp32 and the reason when ``codec`` would turn
+    a value into inf (fp16 above 65504) or cannot encode one (int8 of a non-finite value). A device must never
+    train from a global version that differs from the hub's by more than rounding."""
+    if codec == STORED_CODEC:
+        return codec, None
+    for name, value in state.items():
+        if not np.isfinite(value).all():
+            return STORED_CODEC, f"{name} holds non-finite values"
+        if codec == "fp16" and value.size and float(np.abs(value).max()) > _FP16_MAX:
+            return STORED_CODEC, f"{name} holds values beyond fp16's range (|x| > {_FP16_MAX:.0f})"
+    return codec, None
+
+
+def _newest_only(cache: dict[tuple[int, str], bytes], version: int) -> dict[tuple[int, str], bytes]:
+    """``cache`` without the entries of other versions (devices pull the newest; one entry per strategy)."""
+    return {key: frame for key, frame in cache.items() if key[0] == version}
 
 
 @dataclass(frozen=True)
@@ -114,7 +141,13 @@ class HubSettings:
     dp_seed: int | None = field(
         default=None, metadata={"help": "dp_fedavg: seed of the noise (None: OS entropy; a known seed voids privacy)"}
     )
-    global_codec: str = field(default="fp32", metadata={"help": "codec of published global versions"})
+    downlink_codec: str = field(
+        default="fp32",
+        metadata={
+            "help": "codec of the global versions devices pull: fp32, fp16 (half the bytes) or int8 "
+            "(per-channel, about a quarter); the hub stores, aggregates and evaluates fp32 either way"
+        },
+    )
     chunk_size: int = field(default=128 * 1024, metadata={"help": "bytes per MQTT message for large frames"})
     publish_timeout: float = 30.0
     device_timeout: float = field(default=90.0, metadata={"help": "a device silent this long is offline"})
@@ -176,6 +209,8 @@ class HubSettings:
             errors.append(f"dp_seed must be an integer or None, got {self.dp_seed!r}")
         elif self.dp_seed is not None and self.dp_seed < 0:
             errors.append(f"dp_seed must be >= 0, got {self.dp_seed}")
+        if self.downlink_codec not in CODECS:
+            errors.append(f"downlink_codec must be one of {', '.join(CODECS)}, got {self.downlink_codec!r}")
         if not 1024 <= self.chunk_size <= self.limits.max_chunk_bytes:
             errors.append(f"chunk_size must be in [1024, {self.limits.max_chunk_bytes}], got {self.chunk_size}")
         if errors:
@@ -231,6 +266,7 @@ class Hub:
                 f"aggregator {settings.aggregator} compares whole updates and cannot mix strategies that train "
                 "different tensors; use median or trimmed_mean in a mixed federation"
             )
+        # Frames served to devices, per (version, strategy): only the newest version's are kept.
         self._variant_cache: dict[tuple[int, str], bytes] = {}
         self._central_step = central_step  # optimization on the hub's public data (the paper's FFM)
         self._policy = policy
@@ -392,7 +428,7 @@ class Hub:
             parent=parent,
             model=self.settings.model,
             strategy=self.settings.strategy,
-            codec=self.settings.global_codec,
+            codec=STORED_CODEC,  # exact: recovery after a crash must resume from the state aggregated
             created_at=time.time(),
             num_updates=len(consumed),
             metrics=metrics,
@@ -553,7 +589,8 @@ class Hub:
         if self._security is not None and self._security.hub_key is not None:
             key = (version, request.strategy or "")
             if key not in self._signed_frames:
-                self._signed_frames = {key: self._security.sign_frame(frame)}
+                self._signed_frames = _newest_only(self._signed_frames, version)
+                self._signed_frames[key] = self._security.sign_frame(frame)
             frame = self._signed_frames[key]
         for chunk in split_frame(frame, chunk_size=self.settings.chunk_size, transfer_id=request.transfer_id):
             self._bytes_out += len(chunk)
@@ -571,18 +608,28 @@ class Hub:
         self._artifacts.handle(device, request, lambda: (self.current_version, self.global_state()))
 
     def _frame_for(self, version: int, strategy: str | None) -> bytes:
-        """The stored version, or only the tensors ``strategy`` trains (a device pulls what it needs)."""
+        """What a device pulls: the stored version, cut to the tensors ``strategy`` trains (a device pulls what
+        it needs), in the downlink codec. Re-encoded once per (version, strategy) and cached."""
         frame = self.store.load_version(version)
         wanted = None if self._strategy_tensors is None or strategy is None else self._strategy_tensors.get(strategy)
-        if wanted is None:
+        if wanted is None and self.settings.downlink_codec == STORED_CODEC:
             return frame
         key = (version, strategy or "")
         if key not in self._variant_cache:
             meta, state = decode_global(frame, limits=self.settings.limits)
-            if set(state) <= wanted:
-                return frame
-            variant = GlobalMeta(**{**meta.to_dict(), "strategy": strategy})
-            self._variant_cache = {key: encode_global(variant, {k: v for k, v in state.items() if k in wanted})}
+            changes: dict[str, object] = {}
+            if wanted is not None and not set(state) <= wanted:
+                state = {k: v for k, v in state.items() if k in wanted}
+                changes["strategy"] = strategy
+            codec, why_not = downlink_codec_for(state, self.settings.downlink_codec)
+            if why_not is not None:
+                wanted_codec = self.settings.downlink_codec
+                log.warning("serving version %d as %s, not %s: %s", version, codec, wanted_codec, why_not)
+            if codec != meta.codec:
+                changes["codec"] = codec
+            variant = GlobalMeta(**{**meta.to_dict(), **changes}) if changes else None
+            self._variant_cache = _newest_only(self._variant_cache, version)
+            self._variant_cache[key] = frame if variant is None else encode_global(variant, state)
         return self._variant_cache[key]
 
     # -- updates --------------------------------------------------------------------------------------
@@ -817,7 +864,7 @@ class Hub:
             size=record.size,
             model=self.settings.model,
             strategy=self.settings.strategy,
-            codec=self.settings.global_codec,
+            codec=self.settings.downlink_codec,  # of the frames devices pull; sha256 and size are the stored fp32
             created_at=record.created_at,
             metrics=record.metrics,
             tensors=len(self._global),

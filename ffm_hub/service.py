@@ -80,6 +80,7 @@ class ServeOptions:
     seed: int = 0
     advertise: bool = True
     chunk_size: int = 128 * 1024
+    downlink_codec: str = "fp32"  # codec of the global versions devices pull (stored fp32 either way)
     hub_id: str = "hub"
     ort_artifacts: bool = False  # serve ORT training artifacts to devices that ask (built lazily, cached)
     # Signed updates (ffm_hub.signing): all off by default.
@@ -225,6 +226,7 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         max_update_norm=opts.max_update_norm,
         keep_versions=opts.keep_versions,
         chunk_size=opts.chunk_size,
+        downlink_codec=opts.downlink_codec,
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     artifacts = _artifact_service(opts, spec) if opts.ort_artifacts else None  # fails fast without the ort extra

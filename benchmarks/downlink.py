@@ -1,0 +1,336 @@
+"""Bytes a device pulls per round with each downlink codec, and what the rounding does to accuracy.
+
+The hub stores, aggregates and evaluates global versions in fp32; ``ffm-hub serve --downlink-codec`` only
+changes what devices pull (``HubSettings.downlink_codec``). Two parts, each against fp32 measured in the
+same run:
+
+1. **Frames** (always; about a minute). A real global state: ``--model`` trained for one short epoch on
+   sentiment sentences built here, per strategy (``lora``: the LoRA matrices and the head a LoRA device
+   pulls; ``full_q8``: every weight). Each is encoded as the hub serves it (``encode_global`` with the codec
+   ``downlink_codec_for`` allows) and cut into the hub's MQTT chunks. Per codec: bytes on MQTT, the ratio to
+   fp32, the relative L2 and largest absolute error of what the device decodes, the hub's encode time (once
+   per version and strategy, then cached) and a device's decode time (median of ``--repeats``).
+2. **Federations** (``--demo``; minutes per codec). ``ffm-hub demo`` (a hub process, the managed broker, 3
+   ``ffm-edge run`` processes) once per codec on the same data and seeds: accuracy of every global version
+   and bytes sent down. fp32 runs ``--fp32-repeats`` times, so the spread between two identical fp32 runs
+   shows how much of a codec's difference is run-to-run noise (the order updates arrive in changes float
+   sums). Data: SST-2 with all-MiniLM-L6-v2 LoRA when ``--data-dir``/``$FFM_DATA_DIR`` has it, else the
+   digits with EfficientNet-Lite0 (what the demo picks).
+
+Results go to ``benchmarks/results/downlink.json``, ``downlink.md`` and (with ``--demo``) ``downlink.png``;
+the tables are printed too.
+
+    python benchmarks/downlink.py                      # frames only
+    FFM_DATA_DIR=../shared/data python benchmarks/downlink.py --demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+CODECS = ("fp32", "fp16", "int8")
+CHUNK = 128 * 1024  # the hub's default chunk size
+
+_POSITIVE = ("wonderful", "moving", "brilliant", "delightful", "superb", "charming", "gripping", "beautiful")
+_NEGATIVE = ("dull", "lifeless", "tedious", "clumsy", "awful", "boring", "silly", "painful")
+_SUBJECTS = ("film", "script", "cast", "story", "soundtrack", "ending", "direction", "performance")
+_TEMPLATES = ("a {adj} {subj}", "the {subj} was {adj}", "what a {adj} {subj} this is", "i found the {subj} {adj}")
+
+
+def sentiment_sentences(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """``n`` short, balanced movie-review sentences (label 1 = positive) built from word lists."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 2).astype(np.int64)
+    texts = [
+        str(rng.choice(_TEMPLATES)).format(
+            adj=rng.choice(_POSITIVE if label else _NEGATIVE), subj=rng.choice(_SUBJECTS)
+        )
+        for label in labels
+    ]
+    return texts, labels
+
+
+def trained_state(model: str, strategy: str, sentences: int, seed: int) -> tuple[dict[str, np.ndarray], float]:
+    """The trainable state a hub would hold after a round: ``strategy`` trained one epoch on built sentences."""
+    from ffm_edge.data import LabeledData, get_task
+    from ffm_edge.spec import load_model_spec
+    from ffm_edge.trainer import TorchTrainer
+
+    task = get_task("sst2")
+    trainer = TorchTrainer(load_model_spec(model), task, strategy, seed=seed)
+    texts, labels = sentiment_sentences(sentences, seed)
+    data = LabeledData(task, [(t, None) for t in texts], labels, split="train", source="built:sentiment")
+    report = trainer.train(data, epochs=1)
+    return trainer.trainable_state(), report.last_loss
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def measure_frames(state: Mapping[str, np.ndarray], strategy: str, model: str, repeats: int) -> list[dict[str, Any]]:
+    """One row per codec: the frame the hub would serve for ``state``, its bytes on MQTT and its rounding."""
+    from ffm_edge.wire import GlobalMeta, decode_global, encode_global, split_frame
+    from ffm_hub.hub import downlink_codec_for
+
+    rows = []
+    exact = {k: np.asarray(v, np.float64) for k, v in state.items()}
+    norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in exact.values())))
+    for wanted in CODECS:
+        codec, why_not = downlink_codec_for(state, wanted)
+        meta = GlobalMeta("bench", 1, 0, model, strategy, codec, time.time(), 3)
+        encode_s, frame = _median_seconds(lambda meta=meta: encode_global(meta, state), repeats)
+        decode_s, (_, pulled) = _median_seconds(lambda frame=frame: decode_global(frame), repeats)
+        chunks = split_frame(frame, chunk_size=CHUNK, transfer_id="pull-" + "0" * 24)
+        diff = sum(float(np.sum((pulled[k] - exact[k]) ** 2)) for k in exact)
+        rows.append(
+            {
+                "strategy": strategy,
+                "codec": wanted,
+                "served_as": codec,
+                "fallback_reason": why_not,
+                "tensors": len(state),
+                "elements": int(sum(v.size for v in state.values())),
+                "frame_bytes": len(frame),
+                "mqtt_bytes": sum(len(c) for c in chunks),
+                "chunks": len(chunks),
+                "rel_l2_error": float(np.sqrt(diff)) / norm if norm else 0.0,
+                "max_abs_error": max(float(np.max(np.abs(pulled[k] - exact[k]))) for k in exact),
+                "encode_ms": encode_s * 1e3,
+                "decode_ms": decode_s * 1e3,
+            }
+        )
+    base = rows[0]["mqtt_bytes"]
+    for row in rows:
+        row["vs_fp32"] = row["mqtt_bytes"] / base
+    return rows
+
+
+def run_federations(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """``ffm-hub demo`` once per codec (fp32 ``--fp32-repeats`` times) with the same data and seeds."""
+    from ffm_hub.demo import DemoOptions, run_demo
+
+    plan = [("fp32", i) for i in range(args.fp32_repeats)] + [(c, 0) for c in CODECS if c != "fp32"]
+    runs = []
+    for codec, repeat in plan:
+        print(f"\n== demo with --downlink-codec {codec} (run {repeat + 1}) ==", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        rows = run_demo(
+            DemoOptions(
+                clients=args.clients,
+                rounds=args.rounds,
+                data_dir=args.data_dir,
+                downlink_codec=codec,
+                workdir=workdir / f"{codec}-{repeat}",
+                progress=False,
+            )
+        )
+        rounds = [r for r in rows if r.version > 0]
+        runs.append(
+            {
+                "codec": codec,
+                "repeat": repeat,
+                "metric": rows[0].metric,
+                "values": [r.value for r in rows],
+                "bytes_down": [r.bytes_down for r in rows],
+                "bytes_up": [r.bytes_up for r in rows],
+                "bytes_down_total": sum(r.bytes_down for r in rounds),
+                "bytes_down_per_client_round": sum(r.bytes_down for r in rounds) / (len(rounds) * args.clients),
+                "wall_s": time.monotonic() - started,
+                "rows": [asdict(r) for r in rows],
+            }
+        )
+    return runs
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def plot(runs: Sequence[Mapping[str, Any]], path: Path) -> str | None:
+    """Accuracy per global version, one line per run; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib missing: {exc}"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = {"fp32": "-", "fp16": "--", "int8": ":"}
+    for run in runs:
+        label = f"{run['codec']} ({run['bytes_down_per_client_round'] / 1e3:,.0f} kB down per client-round)"
+        if run["codec"] == "fp32":
+            label = f"fp32 run {run['repeat'] + 1} " + label[5:]
+        ax.plot(range(len(run["values"])), run["values"], styles[run["codec"]], marker="o", label=label)
+    ax.set_xlabel("global version")
+    ax.set_ylabel(runs[0]["metric"])
+    ax.set_title("ffm-hub demo: accuracy per version by downlink codec")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    lines = [
+        "# Downlink codec: what a device pulls per round",
+        "",
+        f"Model `{result['model']}`; each state trained one epoch on {result['sentences']} built sentences. "
+        f"Times are medians of {result['repeats']} runs, one torch thread, {result['cpus']} CPU(s) shared with "
+        f"other jobs, {result['timestamp']}. fp32 is the baseline (what hubs served before the option).",
+        "",
+        "| strategy | codec | served as | elements | bytes on MQTT | vs fp32 | rel. L2 error | max abs error | "
+        "hub encode ms | device decode ms |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in result["frames"]:
+        lines.append(
+            f"| {row['strategy']} | {row['codec']} | {row['served_as']} | {row['elements']:,} | "
+            f"{row['mqtt_bytes']:,} | {row['vs_fp32']:.3f} | {row['rel_l2_error']:.2e} | {row['max_abs_error']:.2e} "
+            f"| {row['encode_ms']:.1f} | {row['decode_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        "*bytes on MQTT* = the global frame (envelope + safetensors payload) plus chunk headers, at the hub's "
+        "128 KiB chunks. The hub encodes once per version and strategy and caches the frame, so the encode time "
+        "is paid once per round, not per device.",
+        "",
+    ]
+    runs = result.get("federations") or []
+    if runs:
+        metric = runs[0]["metric"]
+        versions = len(runs[0]["values"])
+        lines += [
+            f"## Federations: `ffm-hub demo`, {result['demo']['clients']} clients, {result['demo']['rounds']} rounds",
+            "",
+            f"Data: {result['demo']['data']}. Same shards, seeds and broker for every run; {metric} of each "
+            "global version on the held-out data (version 0 = before training).",
+            "",
+            "| run | " + " | ".join(f"v{v}" for v in range(versions)) + " | bytes down per client-round | "
+            "vs fp32 | wall s |",
+            "|---|" + "--:|" * versions + "--:|--:|--:|",
+        ]
+        base = runs[0]["bytes_down_per_client_round"]
+        for run in runs:
+            name = run["codec"] + (f" (run {run['repeat'] + 1})" if run["codec"] == "fp32" else "")
+            cells = " | ".join("n/a" if v is None else f"{v:.4f}" for v in run["values"])
+            lines.append(
+                f"| {name} | {cells} | {run['bytes_down_per_client_round']:,.0f} | "
+                f"{run['bytes_down_per_client_round'] / base:.3f} | {run['wall_s']:.0f} |"
+            )
+        finals = {f"{r['codec']}-{r['repeat']}": r["values"][-1] for r in runs}
+        lines += [
+            "",
+            "Final " + metric + ": " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items() if v is not None) + ".",
+            "",
+        ]
+        if result.get("plot"):
+            lines += [f"![accuracy per version]({result['plot']})", ""]
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="minilm-l6-v2", help="model spec of the frames part (default minilm-l6-v2)")
+    parser.add_argument("--strategies", default="lora,full_q8", help="strategies of the frames part")
+    parser.add_argument("--sentences", type=_positive_int, default=32, help="training sentences (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data and order (default 0)")
+    parser.add_argument("--repeats", type=_positive_int, default=3, help="timing repetitions, median (default 3)")
+    parser.add_argument("--demo", action="store_true", help="also run `ffm-hub demo` once per codec (minutes each)")
+    parser.add_argument("--rounds", type=_positive_int, default=5, help="demo rounds (default 5)")
+    parser.add_argument("--clients", type=_positive_int, default=3, help="demo clients (default 3)")
+    parser.add_argument("--fp32-repeats", type=_positive_int, default=2, help="fp32 demo runs (default 2)")
+    parser.add_argument("--data-dir", default=os.environ.get("FFM_DATA_DIR"), help="demo data (default $FFM_DATA_DIR)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where downlink.json/.md/.png go")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    frames: list[dict[str, Any]] = []
+    losses = {}
+    for strategy in [s for s in args.strategies.split(",") if s]:
+        state, losses[strategy] = trained_state(args.model, strategy, args.sentences, args.seed)
+        frames += measure_frames(state, strategy, args.model, args.repeats)
+        print(f"{strategy}: " + ", ".join(f"{r['codec']} {r['vs_fp32']:.3f}" for r in frames[-3:]), file=sys.stderr)
+    result: dict[str, Any] = {
+        "benchmark": "downlink",
+        "model": args.model,
+        "sentences": args.sentences,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "train_last_loss": losses,
+        "torch_threads": 1,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "packages": {p: _version(p) for p in ("torch", "transformers", "peft", "safetensors", "paho-mqtt")},
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "frames": frames,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        from ffm_hub.demo import choose_demo_data
+
+        task, model, why = choose_demo_data(None, None, args.data_dir)
+        with tempfile.TemporaryDirectory(prefix="ffm-downlink-") as tmp:
+            runs = run_federations(args, Path(tmp))
+        result["demo"] = {"task": task, "model": model, "data": why, "clients": args.clients, "rounds": args.rounds}
+        result["federations"] = runs
+        problem = plot(runs, args.out_dir / "downlink.png")
+        result["plot"] = "downlink.png" if problem is None else None
+        if problem:
+            print(problem, file=sys.stderr)
+    result["total_seconds"] = time.perf_counter() - started
+    (args.out_dir / "downlink.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.out_dir / "downlink.md").write_text(render_markdown(result), encoding="utf-8")
+    print(render_markdown(result))
+    print(f"wrote {args.out_dir / 'downlink.json'} and {args.out_dir / 'downlink.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
