@@ -31,11 +31,10 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,27 +42,13 @@ from typing import Any
 import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:  # run as a script it is; loaded by path (as tests do) it is not
+    sys.path.insert(0, str(BENCH_DIR))
+from _common import median_seconds, package_version, positive_int, sentiment_sentences  # noqa: E402
+
 RESULTS_DIR = BENCH_DIR / "results"
 CODECS = ("fp32", "fp16", "int8")
 CHUNK = 128 * 1024  # the hub's default chunk size
-
-_POSITIVE = ("wonderful", "moving", "brilliant", "delightful", "superb", "charming", "gripping", "beautiful")
-_NEGATIVE = ("dull", "lifeless", "tedious", "clumsy", "awful", "boring", "silly", "painful")
-_SUBJECTS = ("film", "script", "cast", "story", "soundtrack", "ending", "direction", "performance")
-_TEMPLATES = ("a {adj} {subj}", "the {subj} was {adj}", "what a {adj} {subj} this is", "i found the {subj} {adj}")
-
-
-def sentiment_sentences(n: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """``n`` short, balanced movie-review sentences (label 1 = positive) built from word lists."""
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 2).astype(np.int64)
-    texts = [
-        str(rng.choice(_TEMPLATES)).format(
-            adj=rng.choice(_POSITIVE if label else _NEGATIVE), subj=rng.choice(_SUBJECTS)
-        )
-        for label in labels
-    ]
-    return texts, labels
 
 
 def trained_state(model: str, strategy: str, sentences: int, seed: int) -> tuple[dict[str, np.ndarray], float]:
@@ -80,15 +65,6 @@ def trained_state(model: str, strategy: str, sentences: int, seed: int) -> tuple
     return trainer.trainable_state(), report.last_loss
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def measure_frames(state: Mapping[str, np.ndarray], strategy: str, model: str, repeats: int) -> list[dict[str, Any]]:
     """One row per codec: the frame the hub would serve for ``state``, its bytes on MQTT and its rounding."""
     from ffm_edge.wire import GlobalMeta, decode_global, encode_global, split_frame
@@ -100,8 +76,8 @@ def measure_frames(state: Mapping[str, np.ndarray], strategy: str, model: str, r
     for wanted in CODECS:
         codec, why_not = downlink_codec_for(state, wanted)
         meta = GlobalMeta("bench", 1, 0, model, strategy, codec, time.time(), 3)
-        encode_s, frame = _median_seconds(lambda meta=meta: encode_global(meta, state), repeats)
-        decode_s, (_, pulled) = _median_seconds(lambda frame=frame: decode_global(frame), repeats)
+        encode_s, frame = median_seconds(lambda meta=meta: encode_global(meta, state), repeats)
+        decode_s, (_, pulled) = median_seconds(lambda frame=frame: decode_global(frame), repeats)
         chunks = split_frame(frame, chunk_size=CHUNK, transfer_id="pull-" + "0" * 24)
         diff = sum(float(np.sum((pulled[k] - exact[k]) ** 2)) for k in exact)
         rows.append(
@@ -162,15 +138,6 @@ def run_federations(args: argparse.Namespace, workdir: Path) -> list[dict[str, A
             }
         )
     return runs
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def plot(runs: Sequence[Mapping[str, Any]], path: Path) -> str | None:
@@ -258,13 +225,6 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -273,13 +233,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default="minilm-l6-v2", help="model spec of the frames part (default minilm-l6-v2)")
     parser.add_argument("--strategies", default="lora,full_q8", help="strategies of the frames part")
-    parser.add_argument("--sentences", type=_positive_int, default=32, help="training sentences (default 32)")
+    parser.add_argument("--sentences", type=positive_int, default=32, help="training sentences (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data and order (default 0)")
-    parser.add_argument("--repeats", type=_positive_int, default=3, help="timing repetitions, median (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timing repetitions, median (default 3)")
     parser.add_argument("--demo", action="store_true", help="also run `ffm-hub demo` once per codec (minutes each)")
-    parser.add_argument("--rounds", type=_positive_int, default=5, help="demo rounds (default 5)")
-    parser.add_argument("--clients", type=_positive_int, default=3, help="demo clients (default 3)")
-    parser.add_argument("--fp32-repeats", type=_positive_int, default=2, help="fp32 demo runs (default 2)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="demo rounds (default 5)")
+    parser.add_argument("--clients", type=positive_int, default=3, help="demo clients (default 3)")
+    parser.add_argument("--fp32-repeats", type=positive_int, default=2, help="fp32 demo runs (default 2)")
     parser.add_argument("--data-dir", default=os.environ.get("FFM_DATA_DIR"), help="demo data (default $FFM_DATA_DIR)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where downlink.json/.md/.png go")
     return parser.parse_args(argv)
@@ -307,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch_threads": 1,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "packages": {p: _version(p) for p in ("torch", "transformers", "peft", "safetensors", "paho-mqtt")},
+        "packages": {p: package_version(p) for p in ("torch", "transformers", "peft", "safetensors", "paho-mqtt")},
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "frames": frames,
     }

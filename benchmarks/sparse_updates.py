@@ -25,37 +25,22 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:  # run as a script it is; loaded by path (as tests do) it is not
+    sys.path.insert(0, str(BENCH_DIR))
+from _common import median_seconds, positive_int, sentiment_sentences  # noqa: E402
+
 RESULTS_DIR = BENCH_DIR / "results"
 TOP_KS = (1.0, 0.1, 0.01)
 CODECS = ("fp32", "fp16", "int8")
-
-_POSITIVE = ("wonderful", "moving", "brilliant", "delightful", "superb", "charming", "gripping", "beautiful")
-_NEGATIVE = ("dull", "lifeless", "tedious", "clumsy", "awful", "boring", "silly", "painful")
-_SUBJECTS = ("film", "script", "cast", "story", "soundtrack", "ending", "direction", "performance")
-_TEMPLATES = ("a {adj} {subj}", "the {subj} was {adj}", "what a {adj} {subj} this is", "i found the {subj} {adj}")
-
-
-def sentiment_sentences(n: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """``n`` short, balanced movie-review sentences (label 1 = positive) built from word lists."""
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 2).astype(np.int64)
-    texts = [
-        str(rng.choice(_TEMPLATES)).format(
-            adj=rng.choice(_POSITIVE if label else _NEGATIVE), subj=rng.choice(_SUBJECTS)
-        )
-        for label in labels
-    ]
-    return texts, labels
 
 
 def build_delta(model: str, sentences: int, epochs: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -87,26 +72,16 @@ def build_delta(model: str, sentences: int, epochs: int, seed: int) -> tuple[dic
     }
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times = []
-    result = None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), result
-
-
 def measure(delta: dict[str, np.ndarray], top_k: float, codec: str, repeats: int) -> dict[str, Any]:
     """One row: the top-k delta in ``codec``, sparse against dense-with-zeros."""
     from ffm_edge.strategies.full_q8 import topk_sparsify
     from ffm_edge.wire import INDEX_SUFFIX, decode_tensors, encode_tensors
 
     kept = delta if top_k >= 1.0 else topk_sparsify(delta, top_k)
-    enc_sparse, sparse_payload = _median_seconds(lambda: encode_tensors(kept, codec, sparse=True), repeats)
-    enc_dense, dense_payload = _median_seconds(lambda: encode_tensors(kept, codec), repeats)
-    dec_sparse, decoded = _median_seconds(lambda: decode_tensors(sparse_payload), repeats)
-    dec_dense, _ = _median_seconds(lambda: decode_tensors(dense_payload), repeats)
+    enc_sparse, sparse_payload = median_seconds(lambda: encode_tensors(kept, codec, sparse=True), repeats)
+    enc_dense, dense_payload = median_seconds(lambda: encode_tensors(kept, codec), repeats)
+    dec_sparse, decoded = median_seconds(lambda: decode_tensors(sparse_payload), repeats)
+    dec_dense, _ = median_seconds(lambda: decode_tensors(dense_payload), repeats)
     max_err = 0.0
     dropped_nonzero = 0
     for name, value in kept.items():
@@ -177,13 +152,6 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -191,10 +159,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="minilm-l6-v2", help="model spec (default minilm-l6-v2)")
-    parser.add_argument("--sentences", type=_positive_int, default=32, help="training sentences (default 32)")
-    parser.add_argument("--epochs", type=_positive_int, default=1, help="local epochs (default 1)")
+    parser.add_argument("--sentences", type=positive_int, default=32, help="training sentences (default 32)")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="local epochs (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data and order (default 0)")
-    parser.add_argument("--repeats", type=_positive_int, default=3, help="timing repetitions, median (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timing repetitions, median (default 3)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where sparse_updates.json/.md go")
     return parser.parse_args(argv)
 
