@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dp-seed", type=int, default=None,
                        help="dp_fedavg: seed of the noise, for reproducible experiments only (default: OS "
                        "entropy; anyone who knows the seed can remove the noise)")  # fmt: skip
+    serve.add_argument("--dp-delta", type=float, default=1e-5,
+                       help="dp_fedavg: the δ at which the privacy spent is reported as ε (with every version and "
+                       "in `ffm-hub status`)")  # fmt: skip
+    serve.add_argument("--dp-max-epsilon", type=float, default=None,
+                       help="dp_fedavg: privacy budget; no round runs that would take ε above it, and new updates "
+                       "are then refused with the reason budget_exhausted (default: no budget)")  # fmt: skip
     serve.add_argument("--downlink-codec", default="fp32", choices=("fp32", "fp16", "int8"),
                        help="codec of the global versions devices pull: fp16 halves the bytes down, int8 "
                        "(per-channel scales) quarters them; the hub keeps, aggregates and evaluates fp32")  # fmt: skip
@@ -311,6 +317,8 @@ def _serve(args: argparse.Namespace) -> int:
             dp_clip=args.dp_clip,
             dp_noise_multiplier=args.dp_noise_multiplier,
             dp_seed=args.dp_seed,
+            dp_delta=args.dp_delta,
+            dp_max_epsilon=args.dp_max_epsilon,
             downlink_codec=args.downlink_codec,
             state_dir=args.state_dir,
             broker=args.broker,

@@ -103,6 +103,10 @@ def _fraction(v: float) -> str | None:
     return None if math.isfinite(v) and 0 <= v < 1 else f"must be in [0, 1), got {v}"
 
 
+def _open_fraction(v: float) -> str | None:
+    return None if math.isfinite(v) and 0 < v < 1 else f"must be in (0, 1), got {v}"
+
+
 def _half_fraction(v: float) -> str | None:
     return None if math.isfinite(v) and 0 <= v < 0.5 else f"must be in [0, 0.5), got {v}"
 
@@ -204,6 +208,13 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("aggregation", "dp_seed", "dp_seed", "int", _D.dp_seed,
                 "dp_fedavg: seed of the noise, for reproducible experiments only; leave out for OS entropy "
                 "(anyone who knows the seed can remove the noise)", example=0, check=_at_least(0)),
+    ConfigField("aggregation", "dp_delta", "dp_delta", "float", _D.dp_delta,
+                "dp_fedavg: the δ at which the privacy spent is reported as ε (each version records dp_epsilon and "
+                "dp_mu); pick it well below 1 / number of devices", check=_open_fraction),
+    ConfigField("aggregation", "dp_max_epsilon", "dp_max_epsilon", "float", _D.dp_max_epsilon,
+                "dp_fedavg: privacy budget; the hub runs no round that would take ε above it, refuses new updates "
+                "(reason budget_exhausted) and keeps the queued ones; leave out for no budget",
+                example=8.0, check=_positive_finite),
     ConfigField("aggregation", "staleness", "staleness", "str", _D.staleness,
                 "how an update built on an older global version is weighted down: constant, polynomial "
                 "((1 + s)^-alpha) or hinge (1 while s <= 4, then 1 / (alpha (s - 4) + 1))",

@@ -15,6 +15,7 @@ import math
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -67,6 +68,7 @@ from ffm_hub.aggregate import (
     staleness_weight,
 )
 from ffm_hub.faults import crash_point
+from ffm_hub.privacy import compose_mu, gdp_epsilon, round_mu
 from ffm_hub.robust import AGGREGATORS, check_aggregator, robust_aggregate, update_norm
 from ffm_hub.store import HubStore, QueuedUpdate, VersionRecord
 from ffm_hub.switching import ACTIONS, Decision, SwitchingPolicy
@@ -141,6 +143,11 @@ class HubSettings:
     dp_seed: int | None = field(
         default=None, metadata={"help": "dp_fedavg: seed of the noise (None: OS entropy; a known seed voids privacy)"}
     )
+    dp_delta: float = field(default=1e-5, metadata={"help": "dp_fedavg: the δ at which ε is reported, in (0, 1)"})
+    dp_max_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "dp_fedavg: stop aggregating before a round would take ε above this (None: no budget)"},
+    )
     downlink_codec: str = field(
         default="fp32",
         metadata={
@@ -211,6 +218,11 @@ class HubSettings:
             errors.append(f"dp_seed must be >= 0, got {self.dp_seed}")
         if self.downlink_codec not in CODECS:
             errors.append(f"downlink_codec must be one of {', '.join(CODECS)}, got {self.downlink_codec!r}")
+        if not (isinstance(self.dp_delta, float | int) and 0 < self.dp_delta < 1):
+            errors.append(f"dp_delta must be in (0, 1), got {self.dp_delta!r}")
+        budget = self.dp_max_epsilon
+        if budget is not None and not (isinstance(budget, float | int) and math.isfinite(budget) and budget > 0):
+            errors.append(f"dp_max_epsilon must be a finite number > 0 or None, got {budget!r}")
         if not 1024 <= self.chunk_size <= self.limits.max_chunk_bytes:
             errors.append(f"chunk_size must be in [1024, {self.limits.max_chunk_bytes}], got {self.chunk_size}")
         if errors:
@@ -284,6 +296,8 @@ class Hub:
         self._current: VersionRecord | None = None
         self._bytes_in = 0
         self._bytes_out = 0
+        self._dp_mu = 0.0  # GDP μ spent over every dp_fedavg round so far (ffm_hub.privacy); from the store
+        self._dp_spent: str | None = None  # why the privacy budget allows no further round, once it does not
         self._round_started = time.time()
         self.devices: dict[str, float] = {}  # device -> when it was last heard from
         self.online: set[str] = set()
@@ -361,6 +375,9 @@ class Hub:
             _meta, state = decode_global(self.store.load_version(latest.version), limits=self.settings.limits)
             self._global, self._current = state, latest
             self._load_server_state(latest.version)
+            if self.settings.aggregator == "dp_fedavg":  # the privacy spent so far (a z = 0 round records no μ)
+                self._dp_mu = latest.metrics.get("dp_mu", math.inf if "dp_device_updates" in latest.metrics else 0.0)
+                self._check_dp_budget()
             log.info("resumed at global version %d (%d updates queued)", latest.version, len(self.store.queued()))
         assert self._current is not None
         if self._central_step is not None and self._policy is not None and self._policy.central_first:
@@ -644,6 +661,8 @@ class Hub:
             self._reject(device, meta.update_id, *problem)
             return
         problem = self._validate(device, transfer_id, meta, tensors)
+        if problem is None and self._dp_spent is not None and self.store.get_update(meta.update_id) is None:
+            problem = ("budget_exhausted", self._dp_spent)
         if problem is not None:
             self._reject(device, meta.update_id, *problem)
             return
@@ -725,6 +744,11 @@ class Hub:
         queued = self.store.queued()
         if len(queued) < self.settings.tau:
             return
+        dp_round = None
+        if self.settings.aggregator == "dp_fedavg":
+            dp_round = self._dp_round(queued)
+            if dp_round is None:
+                return  # over the privacy budget: the updates stay queued, nothing is published
         started = time.perf_counter()
         partial = PartialSum()
         robust = self.settings.aggregator != "fedavg"
@@ -742,6 +766,9 @@ class Hub:
             mean_delta, robust_metrics = self._robust_mean(deltas)
         else:
             mean_delta = partial.mean()
+        if dp_round is not None:
+            robust_metrics.update(dp_round)
+            self._dp_mu = dp_round.get("dp_mu", math.inf)
         buffers_before = self._optimizer.state_dict()
         state = self._optimizer.step(self._global, mean_delta)
         aggregation_s = time.perf_counter() - started
@@ -774,6 +801,60 @@ class Hub:
         self._publish_manifest()
         if self._on_version is not None:
             self._on_version(record)
+        self._check_dp_budget()
+
+    def _dp_round(self, queued: list[QueuedUpdate]) -> dict[str, float] | None:
+        """The privacy this dp_fedavg round spends, as version metrics; None when the budget forbids it.
+
+        One device with ``k`` of the round's updates makes it ``k / z``-GDP (ffm_hub.privacy). A round that
+        would take ε above ``dp_max_epsilon`` is not run; the hub then refuses new updates
+        (``budget_exhausted``) and keeps the queued ones, so an operator who raises the budget loses nothing.
+        """
+        s = self.settings
+        device_updates = max(Counter(item.device for item in queued).values())
+        mu = compose_mu([self._dp_mu, round_mu(s.dp_noise_multiplier, device_updates)])
+        epsilon = gdp_epsilon(mu, s.dp_delta)
+        if s.dp_max_epsilon is not None and epsilon > s.dp_max_epsilon:
+            self._budget_spent(epsilon, len(queued))
+            return None
+        metrics = {"dp_device_updates": float(device_updates), "dp_delta": float(s.dp_delta)}
+        if math.isfinite(mu):  # z = 0: no noise, no privacy, and JSON has no inf
+            metrics.update(dp_mu=mu, dp_epsilon=epsilon)
+        return metrics
+
+    def _check_dp_budget(self) -> None:
+        """Refuse updates as soon as even the smallest next round (one update per device) would overspend, so
+        devices stop uploading what can never be aggregated."""
+        s = self.settings
+        if s.aggregator != "dp_fedavg" or s.dp_max_epsilon is None or self._dp_spent is not None:
+            return
+        epsilon = gdp_epsilon(compose_mu([self._dp_mu, round_mu(s.dp_noise_multiplier)]), s.dp_delta)
+        if epsilon > s.dp_max_epsilon:
+            self._budget_spent(epsilon, len(self.store.queued()))
+
+    def _budget_spent(self, epsilon_next: float, queued: int) -> None:
+        if self._dp_spent is None:
+            s = self.settings
+            self._dp_spent = (
+                f"the privacy budget ε = {s.dp_max_epsilon:g} at δ = {s.dp_delta:g} is spent: ε = "
+                f"{gdp_epsilon(self._dp_mu, s.dp_delta):.4g} so far, {epsilon_next:.4g} after another round"
+            )
+            log.error("not aggregating any more: %s; %d updates stay queued", self._dp_spent, queued)
+
+    @property
+    def privacy(self) -> dict[str, float | str | None] | None:
+        """What dp_fedavg has spent so far (for status and tools); None with another aggregator."""
+        s = self.settings
+        if s.aggregator != "dp_fedavg":
+            return None
+        epsilon = gdp_epsilon(self._dp_mu, s.dp_delta)
+        return {
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "delta": s.dp_delta,
+            "mu": self._dp_mu if math.isfinite(self._dp_mu) else None,
+            "max_epsilon": s.dp_max_epsilon,
+            "spent": self._dp_spent,
+        }
 
     def _robust_mean(self, deltas: list[Mapping[str, np.ndarray]]) -> tuple[State, dict[str, float]]:
         """The configured robust or private pseudo-gradient, and the parameters to record with it."""

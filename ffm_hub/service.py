@@ -52,6 +52,8 @@ class ServeOptions:
     dp_clip: float = 1.0
     dp_noise_multiplier: float = 1.0
     dp_seed: int | None = None  # None: OS entropy (a known seed lets anyone strip the noise)
+    dp_delta: float = 1e-5  # the δ at which the privacy spent (ε) is reported
+    dp_max_epsilon: float | None = None  # stop aggregating before ε would pass this (None: no budget)
     staleness: str = "polynomial"
     staleness_alpha: float = 0.5
     max_staleness: int | None = None
@@ -220,6 +222,8 @@ def running_hub(opts: ServeOptions) -> Iterator[Hub]:
         dp_clip=opts.dp_clip,
         dp_noise_multiplier=opts.dp_noise_multiplier,
         dp_seed=opts.dp_seed,
+        dp_delta=opts.dp_delta,
+        dp_max_epsilon=opts.dp_max_epsilon,
         staleness=opts.staleness,
         staleness_alpha=opts.staleness_alpha,
         max_staleness=opts.max_staleness,

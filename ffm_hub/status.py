@@ -123,6 +123,9 @@ def hub_snapshot(hub: Hub, *, started_at: float | None = None, now: float | None
         value = getattr(hub, f"_bytes_{direction}", None)
         if isinstance(value, int):
             snapshot[f"round_bytes_{direction}"] = value
+    privacy = getattr(hub, "privacy", None)
+    if isinstance(privacy, Mapping):
+        snapshot["privacy"] = dict(privacy)
     try:
         snapshot["queue_length"] = len(hub.store.queued())
         latest = hub.store.latest_version()
@@ -382,6 +385,9 @@ def format_status(snapshot: Mapping[str, Any] | None, now: float | None = None, 
             f"version {version.get('version')} ({version.get('kind')}, {version.get('num_updates')} updates)"
             + (f": {metrics}" if metrics else "")
         )
+    privacy = snapshot.get("privacy")
+    if isinstance(privacy, Mapping):
+        lines.append(_privacy_text(privacy))
     queue = snapshot.get("queue_length")
     lines.append(f"queue: {'?' if queue is None else queue}/{snapshot.get('tau')} (aggregates at tau)")
     if snapshot.get("store_error"):
@@ -411,3 +417,14 @@ def format_status(snapshot: Mapping[str, Any] | None, now: float | None = None, 
                 f"| {device.get('device')} | {'yes' if device.get('online') else 'no'} | {_duration(seen)} ago |"
             )
     return "\n".join(lines)
+
+
+def _privacy_text(privacy: Mapping[str, Any]) -> str:
+    """One line on what dp_fedavg has spent: ε at δ, against the budget, and whether it is used up."""
+    epsilon, budget = privacy.get("epsilon"), privacy.get("max_epsilon")
+    spent = "no privacy (a round ran with z = 0)" if epsilon is None else f"ε = {float(epsilon):.4g}"
+    line = f"privacy (dp_fedavg): {spent} at δ = {float(privacy.get('delta') or 0):g}"
+    line += f" of a budget of {float(budget):g}" if budget is not None else " (no budget set)"
+    if privacy.get("spent"):
+        line += f"; BUDGET SPENT, updates are refused: {privacy['spent']}"
+    return line

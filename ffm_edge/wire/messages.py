@@ -81,6 +81,7 @@ REJECTION_REASONS = frozenset(
         "bad_signature",  # missing, malformed or not verifying with the device's key
         "replayed",  # the update id was already accepted with a different payload
         "stale_timestamp",  # the signature's timestamp is outside the hub's tolerance
+        "budget_exhausted",  # dp_fedavg: another round would spend more privacy than the hub's budget allows
     }
 )
 
