@@ -17,6 +17,8 @@ from ffm_edge.errors import FFMError
 from ffm_edge.logs import LOG_FORMATS, setup_logging
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from ffm_edge.strategies.base import Strategy
     from ffm_edge.transport.mqtt import TlsOptions
 
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sign every update with this private key (ffm-edge keygen; enrolled on the hub)")  # fmt: skip
     run.add_argument("--hub-key", default=None, metavar="FILE",
                      help="the hub's public key: refuse manifests and global versions it did not sign")  # fmt: skip
+    run.add_argument("--key-passphrase-file", default=None, metavar="FILE",
+                     help="file whose first line is the passphrase of an encrypted --device-key (default: "
+                     "$FFM_KEY_PASSPHRASE)")  # fmt: skip
     sub.add_parser(
         "strategies",
         help="list every strategy with the config fields --strategy-option sets (types, defaults, help)",
@@ -193,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a device signing key: OUT/NAME.key (0600) and OUT/NAME.pub")
     keygen.add_argument("--out", required=True, help="folder to write (created)")
     keygen.add_argument("--name", default="device", help="file name stem, e.g. the device id (default: device)")
+    keygen.add_argument("--passphrase-file", default=None, metavar="FILE",
+                        help="encrypt the private key with the first line of FILE (default: $FFM_KEY_PASSPHRASE "
+                        "when set, else unencrypted)")  # fmt: skip
     prof = sub.add_parser(
         "profile",
         help="print what this device can do (RAM, budget, cores, accelerator, bitsandbytes, onnxruntime)",
@@ -541,7 +549,7 @@ def _run(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         ort_artifacts=ort_artifacts,
         threads=args.threads,
-        device_key=args.device_key,
+        device_key=_device_key(args),
         hub_public_key=args.hub_key,
         broker_username=login.username,
         broker_password=login.password,
@@ -560,11 +568,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keygen(args: argparse.Namespace) -> int:
-    from ffm_edge.signing import write_keypair
+def _device_key(args: argparse.Namespace) -> Ed25519PrivateKey | None:
+    """``--device-key`` loaded here, with ``--key-passphrase-file`` (or $FFM_KEY_PASSPHRASE) when encrypted."""
+    if args.device_key is None:
+        return None
+    from ffm_edge.signing import load_private_key, read_passphrase
 
-    private, public = write_keypair(args.out, args.name)
-    print(f"private key {private} (stays on the device: ffm-edge run --device-key)")
+    return load_private_key(args.device_key, read_passphrase(args.key_passphrase_file))
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ffm_edge.signing import read_passphrase, write_keypair
+
+    passphrase = read_passphrase(args.passphrase_file)
+    private, public = write_keypair(args.out, args.name, passphrase=passphrase)
+    state = "encrypted with the passphrase" if passphrase else "unencrypted: protect the file"
+    print(f"private key {private} ({state}; stays on the device: ffm-edge run --device-key)")
     print(f"public key  {public} (enroll it on the hub: ffm-hub enroll DEVICE_ID {public})")
     print(public.read_text(encoding="utf-8").strip())
     return 0

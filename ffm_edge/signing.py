@@ -40,6 +40,7 @@ from ffm_edge.wire.limits import DEFAULT_LIMITS, WireLimits
 from ffm_edge.wire.topics import dumps_json
 
 __all__ = [
+    "PASSPHRASE_ENV",
     "SIGNATURE_VERSION",
     "UpdateSignature",
     "canonical_record_bytes",
@@ -52,6 +53,7 @@ __all__ = [
     "parse_public_key",
     "parse_record_signature",
     "parse_update_signature",
+    "read_passphrase",
     "sign_global_frame",
     "sign_record",
     "sign_update_frame",
@@ -60,6 +62,9 @@ __all__ = [
     "verify_update_signature",
     "write_keypair",
 ]
+
+#: Environment variable holding the passphrase of an encrypted private key (when no passphrase file is given).
+PASSPHRASE_ENV = "FFM_KEY_PASSPHRASE"
 
 #: Version of the signed-bytes layout (bumped if what is signed ever changes).
 SIGNATURE_VERSION = 1
@@ -270,31 +275,69 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    """Read a private key file written by :func:`write_keypair` (PKCS#8 PEM, unencrypted)."""
+def read_passphrase(path: str | Path | None) -> bytes | None:
+    """The passphrase of an encrypted private key: the first line of the file ``path`` (a file, so it never
+    shows in a process list or shell history), else ``$FFM_KEY_PASSPHRASE``, else None."""
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read passphrase file {path}: {exc.strerror or exc}") from exc
+        line = text.splitlines()[0] if text else ""
+        if not line:
+            raise ConfigError(f"passphrase file {path} is empty")
+        return line.encode("utf-8")
+    value = os.environ.get(PASSPHRASE_ENV)
+    return value.encode("utf-8") if value else None
+
+
+def load_private_key(path: str | Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+    """Read a private key file written by :func:`write_keypair` (PKCS#8 PEM).
+
+    An encrypted key needs ``passphrase``, or ``$FFM_KEY_PASSPHRASE`` when it is None; an unencrypted key
+    loads without one. Every failure is a :class:`ConfigError` that says which of these it is.
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read private key {path}: {exc.strerror or exc}") from exc
+    encrypted = b"ENCRYPTED PRIVATE KEY" in data
+    if encrypted and passphrase is None:
+        passphrase = read_passphrase(None)
+        if passphrase is None:
+            raise ConfigError(
+                f"{path} is encrypted: give its passphrase in a file (--key-passphrase-file, or "
+                f"--hub-key-passphrase-file on the hub) or in ${PASSPHRASE_ENV}"
+            )
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not an unencrypted PEM private key") from exc
+        what = "wrong passphrase, or not a valid encrypted key" if encrypted else "not a PEM private key"
+        raise ConfigError(f"{path}: {what}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path}: not an Ed25519 key")
     return key
 
 
-def write_keypair(directory: str | Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+def write_keypair(
+    directory: str | Path, name: str, *, overwrite: bool = False, passphrase: bytes | None = None
+) -> tuple[Path, Path]:
     """Create ``name.key`` (mode 0600, created that way so it is never readable by others) and
-    ``name.pub`` in ``directory``; return both paths. Refuses to replace an existing key."""
+    ``name.pub`` in ``directory``; return both paths. Refuses to replace an existing key. With
+    ``passphrase`` the private key is encrypted (PKCS#8, the best encryption ``cryptography`` offers), so a
+    copy of the file alone does not sign anything."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     private_path, public_path = folder / f"{name}.key", folder / f"{name}.pub"
     if not overwrite and (private_path.exists() or public_path.exists()):
         raise ConfigError(f"{private_path} or {public_path} exists; not replacing a key")
     key = generate_private_key()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    if passphrase is not None and not passphrase:
+        raise ConfigError("an empty passphrase would encrypt nothing; give a non-empty one, or none")
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if overwrite else os.O_EXCL)
     fd = os.open(private_path, flags, 0o600)
     with os.fdopen(fd, "wb") as handle:

@@ -154,12 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of <device_id>.pub files (default: STATE_DIR/enrolled-keys)")  # fmt: skip
     serve.add_argument("--hub-key", type=Path, default=None, metavar="FILE",
                        help="the hub's private key (ffm-hub keygen): signs manifests and global versions")  # fmt: skip
+    serve.add_argument("--hub-key-passphrase-file", type=Path, default=None, metavar="FILE",
+                       help="file whose first line is the passphrase of an encrypted --hub-key (default: "
+                       "$FFM_KEY_PASSPHRASE)")  # fmt: skip
     serve.add_argument("--timestamp-tolerance", type=float, default=None, metavar="SECONDS",
                        help="largest clock difference of a signed update (default 300)")  # fmt: skip
 
     keygen = sub.add_parser("keygen", help="write the hub's Ed25519 signing key (OUT/hub.key 0600, OUT/hub.pub)")
     keygen.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     keygen.add_argument("--name", default="hub", help="file name stem (default: hub)")
+    keygen.add_argument("--passphrase-file", type=Path, default=None, metavar="FILE",
+                        help="encrypt the private key with the first line of FILE (default: $FFM_KEY_PASSPHRASE "
+                        "when set, else unencrypted)")  # fmt: skip
     enroll = sub.add_parser("enroll", help="enroll a device's public key (copied to ENROLLED_KEYS/DEVICE_ID.pub)")
     enroll.add_argument("device_id", help="the device's id")
     enroll.add_argument("public_key", type=Path, help="the device's .pub file (ffm-edge keygen)")
@@ -357,15 +363,19 @@ def _apply_signing_flags(opts: ServeOptions, args: argparse.Namespace) -> None:
         opts.enrolled_keys = args.enrolled_keys
     if args.hub_key is not None:
         opts.hub_key = args.hub_key
+    if args.hub_key_passphrase_file is not None:
+        opts.hub_key_passphrase_file = args.hub_key_passphrase_file
     if args.timestamp_tolerance is not None:
         opts.timestamp_tolerance = args.timestamp_tolerance
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from ffm_edge.signing import write_keypair
+    from ffm_edge.signing import read_passphrase, write_keypair
 
-    private, public = write_keypair(args.out, args.name)
-    print(f"private key {private} (keep it on the hub: serve --hub-key)")
+    passphrase = read_passphrase(args.passphrase_file)
+    private, public = write_keypair(args.out, args.name, passphrase=passphrase)
+    state = "encrypted with the passphrase" if passphrase else "unencrypted: protect the file"
+    print(f"private key {private} ({state}; keep it on the hub: serve --hub-key)")
     print(f"public key  {public} (give it to devices: ffm-edge run --hub-key)")
     print(public.read_text(encoding="utf-8").strip())
     return 0

@@ -307,6 +307,10 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("signing", "hub_key", "hub_key", "path", None,
                 "the hub's Ed25519 private key (ffm-hub keygen): signs manifests and served global versions",
                 example="/srv/ffm/hub.key", check=_non_empty),
+    ConfigField("signing", "hub_key_passphrase_file", "hub_key_passphrase_file", "path", None,
+                "file whose first line is the passphrase of an encrypted hub_key (ffm-hub keygen "
+                "--passphrase-file); leave out for an unencrypted key or $FFM_KEY_PASSPHRASE",
+                example="/srv/ffm/hub.passphrase", check=_non_empty),
     ConfigField("signing", "timestamp_tolerance", "timestamp_tolerance", "float", _D.timestamp_tolerance,
                 "seconds a signed update's timestamp may differ from the hub's clock", check=_positive_finite),
     ConfigField("metrics", "port", "metrics_port", "int", 0,
@@ -459,7 +463,7 @@ def validate_hub_config(data: Mapping[str, Any], *, source: str = "config") -> H
         values["extra_strategies"] = tuple(values["extra_strategies"])
     if "state_dir" in values:
         values["state_dir"] = Path(values["state_dir"])
-    for name in ("enrolled_keys", "hub_key"):
+    for name in ("enrolled_keys", "hub_key", "hub_key_passphrase_file"):
         if values.get(name) is not None:
             values[name] = Path(values[name])
     known = {f.name for f in fields(ServeOptions)}

@@ -89,6 +89,7 @@ class ServeOptions:
     require_signatures: bool = False  # refuse updates not signed by an enrolled device key
     enrolled_keys: Path | None = None  # folder of <device_id>.pub files
     hub_key: Path | None = None  # the hub's Ed25519 private key: signs manifests and served frames
+    hub_key_passphrase_file: Path | None = None  # its passphrase, when encrypted (else $FFM_KEY_PASSPHRASE)
     timestamp_tolerance: float = 300.0  # seconds a signature's timestamp may differ from the hub's clock
 
     @property
@@ -100,7 +101,14 @@ class ServeOptions:
         if self.broker_kind not in ("auto", "mosquitto", "amqtt"):
             raise ConfigError(f"broker kind must be auto, mosquitto or amqtt, got {self.broker_kind!r}")
         self.state_dir = Path(self.state_dir)
-        for name in ("secure", "broker_password_file", "broker_tls_ca", "broker_tls_cert", "broker_tls_key"):
+        for name in (
+            "secure",
+            "broker_password_file",
+            "broker_tls_ca",
+            "broker_tls_cert",
+            "broker_tls_key",
+            "hub_key_passphrase_file",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))  # the TOML loader gives str
@@ -378,6 +386,7 @@ def _security(opts: ServeOptions) -> HubSecurity | None:
     """The hub's signing and checking, or None when neither is configured (today's behaviour)."""
     if not opts.require_signatures and opts.enrolled_keys is None and opts.hub_key is None:
         return None
+    from ffm_edge.signing import read_passphrase
     from ffm_hub.signing import HubSecurity
 
     enrolled = opts.enrolled_keys
@@ -387,6 +396,7 @@ def _security(opts: ServeOptions) -> HubSecurity | None:
         require_signatures=opts.require_signatures,
         enrolled_keys=enrolled,
         hub_key=opts.hub_key,
+        hub_key_passphrase=read_passphrase(opts.hub_key_passphrase_file),
         tolerance=opts.timestamp_tolerance,
     )
 

@@ -106,17 +106,19 @@ class HubSecurity:
         require_signatures: bool = False,
         enrolled_keys: str | Path | None = None,
         hub_key: str | Path | None = None,
+        hub_key_passphrase: bytes | None = None,
         tolerance: float = DEFAULT_TOLERANCE,
         enrolled: Mapping[str, str] | None = None,
     ) -> HubSecurity:
-        """Build from paths (CLI / TOML): a folder of ``.pub`` files, the hub's private key, and/or a
-        mapping of device id to one-line public key."""
+        """Build from paths (CLI / TOML): a folder of ``.pub`` files, the hub's private key (encrypted:
+        with ``hub_key_passphrase`` or $FFM_KEY_PASSPHRASE), and/or a mapping of device id to one-line public
+        key."""
         keys = {device: parse_public_key(text) for device, text in (enrolled or {}).items()}
         return cls(
             require_signatures=require_signatures,
             device_keys=keys,
             enrolled_dir=Path(enrolled_keys) if enrolled_keys is not None else None,
-            hub_key=load_private_key(hub_key) if hub_key is not None else None,
+            hub_key=load_private_key(hub_key, hub_key_passphrase) if hub_key is not None else None,
             tolerance=tolerance,
         )
 
