@@ -77,6 +77,11 @@ ACTIVATION_FLOATS_PER_HIDDEN = 34.0
 #: AdamW, quantized bases need bitsandbytes layers: neither exists in ONNX Runtime).
 ORT_STRATEGIES = frozenset({"lora", "prompt", "head"})
 
+#: Model families the ORT runtime can export and train (ffm_edge.ort.artifacts): transformers text
+#: classifiers, and EfficientNet-Lite image classifiers (whose graph takes raw pixels, so a device needs
+#: neither torch nor an image library).
+ORT_FAMILIES = frozenset({"hf-sequence-classification", "efficientnet-lite"})
+
 #: onnxruntime, the tokenizer and the training + eval sessions, above the bare interpreter (calibrated by
 #: benchmarks/ort_runtime.py: the head-only run's peak less the fp32 weights and forward temporaries;
 #: 107 MiB in the recorded run, 115 MiB in an earlier one).

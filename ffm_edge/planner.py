@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ffm_edge.errors import ConfigError
-from ffm_edge.memory import ORT_STRATEGIES, MemoryEstimate, TrainingShape, estimate_memory, micro_batch_options
+from ffm_edge.memory import (
+    ORT_FAMILIES,
+    ORT_STRATEGIES,
+    MemoryEstimate,
+    TrainingShape,
+    estimate_memory,
+    micro_batch_options,
+)
 from ffm_edge.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -122,7 +129,7 @@ def _candidates(
             "ort" in runtimes
             and precision == "fp32"
             and strategy in ORT_STRATEGIES
-            and spec.modality == "text"
+            and spec.family in ORT_FAMILIES
             and (ort_strategies is None or strategy in ort_strategies)
         ):  # whole batches, no checkpointing: the artifacts fix the graph
             shape = TrainingShape(batch_size, seq_len, batch_size, False, num_labels)

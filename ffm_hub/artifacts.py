@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ffm_edge.errors import FFMError, TransportError
-from ffm_edge.memory import ORT_STRATEGIES
+from ffm_edge.memory import ORT_FAMILIES, ORT_STRATEGIES
 from ffm_edge.ort.manifest import FORMAT_VERSION
 from ffm_edge.spec import ModelSpec
 from ffm_edge.transport import Transport
@@ -187,8 +187,9 @@ class ArtifactService:
             return "unknown_strategy", f"this federation trains {', '.join(self.strategies)}"
         if request.strategy not in ORT_STRATEGIES:
             return "unsupported", f"the ORT runtime trains {', '.join(sorted(ORT_STRATEGIES))}, not {request.strategy}"
-        if self.spec.family != "hf-sequence-classification":
-            return "unsupported", f"the ORT runtime supports text (transformers) models; {self.spec.name} is not one"
+        if self.spec.family not in ORT_FAMILIES:
+            families = ", ".join(sorted(ORT_FAMILIES))
+            return "unsupported", f"the ORT runtime exports {families} models; {self.spec.name} is {self.spec.family}"
         return None
 
     # -- building (the build thread) ------------------------------------------------------------------

@@ -229,8 +229,8 @@ def test_requests_the_hub_cannot_serve_get_a_typed_refusal(amqtt_broker: Managed
         assert _ask(amqtt_broker, out, "text", model="smollm2-135m").reason == "unknown_model"
         assert _ask(amqtt_broker, out, "text", task="mrpc").reason == "unknown_task"
         assert _ask(amqtt_broker, out, "text", runtime="tflite").reason == "unknown_runtime"
-        vision = _ask(amqtt_broker, out, "image", model="efficientnet-lite0", task="digits", strategy="head")
-        assert vision.reason == "unsupported" and "text" in vision.detail
+        vision = _ask(amqtt_broker, out, "image", model="efficientnet-lite0", task="digits", strategy="prompt")
+        assert vision.reason == "unknown_strategy"  # image models are served (tests/test_ort_vision.py)
         disabled = _ask(amqtt_broker, out, "plain")
         assert disabled.reason == "disabled" and "--ort-artifacts" in disabled.detail
     assert service.builds == image.builds == 0 and not (tmp_path / "cache").exists()

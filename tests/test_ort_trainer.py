@@ -58,8 +58,8 @@ def test_builder_rejects_what_the_ort_runtime_does_not_train(art_root: Path, tmp
 
     with pytest.raises(ConfigError, match="full_q8"):
         build_artifacts(short_spec(), "sst2", "full_q8", tmp_path / "a")
-    with pytest.raises(ConfigError, match="text"):
-        build_artifacts("efficientnet-lite0", "digits", "lora", tmp_path / "b")
+    with pytest.raises(ConfigError, match="prompt' needs a text transformers model"):  # images: lora and head
+        build_artifacts("efficientnet-lite0", "digits", "prompt", tmp_path / "b")
 
 
 def test_missing_artifacts_say_how_to_build_them(tmp_path: Path) -> None:

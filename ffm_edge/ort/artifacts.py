@@ -38,12 +38,20 @@ import numpy as np
 
 from ffm_edge.data import TaskInfo, get_task
 from ffm_edge.errors import ConfigError, OrtArtifactError, OrtUnavailableError
-from ffm_edge.memory import ORT_STRATEGIES
+from ffm_edge.memory import ORT_FAMILIES, ORT_STRATEGIES
 from ffm_edge.ort.compat import check_onnx_version, dist_version
-from ffm_edge.ort.manifest import MANIFEST_NAME, ArtifactManifest, TensorInfo, file_sha256
+from ffm_edge.ort.manifest import MANIFEST_NAME, PIXELS_INPUT, ArtifactManifest, TensorInfo, file_sha256
 from ffm_edge.spec import ModelSpec, load_model_spec
 
-__all__ = ["DEFAULT_OPSET", "ORT_STRATEGIES", "TOKENIZER_DIR", "build_artifacts", "global_state_from_frame"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "ORT_FAMILIES",
+    "ORT_STRATEGIES",
+    "PIXELS_INPUT",
+    "TOKENIZER_DIR",
+    "build_artifacts",
+    "global_state_from_frame",
+]
 
 log = logging.getLogger("ffm.ort.artifacts")
 
@@ -153,8 +161,9 @@ def build_artifacts(
         raise ConfigError(f"the ORT runtime trains {', '.join(sorted(ORT_STRATEGIES))}; not {strategy.name!r}")
     if strategy.base_precision != "fp32":
         raise ConfigError(f"the ORT runtime needs an fp32 base; strategy {strategy.name} has {strategy.base_precision}")
-    if spec.family != "hf-sequence-classification":
-        raise ConfigError(f"the ORT runtime supports text (transformers) models; {spec.name} is {spec.family}")
+    if spec.family not in ORT_FAMILIES:
+        families = ", ".join(sorted(ORT_FAMILIES))
+        raise ConfigError(f"the ORT runtime exports {families} models; {spec.name} is {spec.family}")
     out = Path(out)
     started = time.perf_counter()
 
@@ -191,27 +200,16 @@ def build_artifacts(
             param.copy_(torch.randn(param.shape, generator=generator) * 0.05 + 0.01)
             marks[hashlib.sha256(param.detach().numpy().tobytes()).digest()] = canonical_tensor_name(name)
 
-    tokenizer = _load_tokenizer(spec)
-    sample = tokenizer(["an example sentence", "another one"], None, padding=True, return_tensors="np")
-    inputs = tuple(n for n in _MODEL_INPUTS if n in sample)
-
-    class Logits(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args: Any) -> Any:
-            return self.inner(**dict(zip(inputs, args, strict=True))).logits
-
-    dummy = tuple(torch.as_tensor(sample[n], dtype=torch.long) for n in inputs)
-    axes = {n: {0: "batch", 1: "sequence"} for n in inputs} | {"logits": {0: "batch"}}
+    tokenizer = _load_tokenizer(spec) if spec.modality == "text" else None
+    wrapper, dummy, inputs, axes, mode = (
+        _text_export(torch, nn, model, tokenizer) if tokenizer is not None else _image_export(torch, nn, trainer)
+    )
     buffer = io.BytesIO()
-    model.train()
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shapes the dynamic axes cover
             torch.onnx.export(
-                Logits(model),
+                wrapper,
                 dummy,
                 buffer,
                 input_names=list(inputs),
@@ -219,7 +217,7 @@ def build_artifacts(
                 dynamic_axes=axes,
                 opset_version=opset,
                 do_constant_folding=False,
-                training=torch.onnx.TrainingMode.TRAINING,
+                training=mode,
                 export_params=True,
                 dynamo=False,
             )
@@ -281,9 +279,12 @@ def build_artifacts(
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         for item in (work / "out").iterdir():
             shutil.move(str(item), out / item.name)
-    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    if not (out / TOKENIZER_DIR / "tokenizer.json").is_file():
-        raise OrtArtifactError(f"{spec.name}'s tokenizer has no fast (tokenizers) version; the ORT runtime needs one")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        if not (out / TOKENIZER_DIR / "tokenizer.json").is_file():
+            raise OrtArtifactError(
+                f"{spec.name}'s tokenizer has no fast (tokenizers) version; the ORT runtime needs one"
+            )
 
     files = {
         str(p.relative_to(out)): file_sha256(p)
@@ -307,7 +308,9 @@ def build_artifacts(
             "batch_size": trainer.batch_size,
             "weight_decay": weight_decay,
         },
-        tokenizer={
+        tokenizer={}  # an image model's graph takes pixels
+        if tokenizer is None
+        else {
             "folder": TOKENIZER_DIR,
             "pad_token": tokenizer.pad_token,
             "pad_token_id": int(tokenizer.pad_token_id),
@@ -328,11 +331,67 @@ def build_artifacts(
         },
         files=files,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        extra={"build_seconds": round(time.perf_counter() - started, 2)},
+        extra={"build_seconds": round(time.perf_counter() - started, 2)}
+        | ({} if tokenizer is not None else {"image_size": spec.image_size, "stochastic_depth": False}),
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     log.info("built ORT artifacts for %s/%s in %s (%d trainable tensors)", spec.name, strategy.name, out, len(real))
     return manifest
+
+
+#: What an export needs: the module to trace, dummy inputs, input names, dynamic axes, training mode.
+_Export = tuple[Any, tuple[Any, ...], tuple[str, ...], dict[str, dict[int, str]], Any]
+
+
+def _text_export(torch: Any, nn: Any, model: Any, tokenizer: Any) -> _Export:
+    """What to export for a transformers text classifier: token ids in, logits out, in training mode."""
+    sample = tokenizer(["an example sentence", "another one"], None, padding=True, return_tensors="np")
+    inputs = tuple(n for n in _MODEL_INPUTS if n in sample)
+
+    class Logits(nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            return self.inner(**dict(zip(inputs, args, strict=True))).logits
+
+    dummy = tuple(torch.as_tensor(sample[n], dtype=torch.long) for n in inputs)
+    axes = {n: {0: "batch", 1: "sequence"} for n in inputs} | {"logits": {0: "batch"}}
+    model.train()
+    return Logits(model), dummy, inputs, axes, torch.onnx.TrainingMode.TRAINING
+
+
+def _image_export(torch: Any, nn: Any, trainer: Any) -> _Export:
+    """What to export for an image classifier: raw pixels in (resized and normalized inside the graph, as
+    TorchTrainer's encoder does), logits out.
+
+    Exported with each module's own mode (``PRESERVE``): the model trains, its frozen BatchNorm layers stay
+    in eval mode exactly as TorchTrainer keeps them. EfficientNet's stochastic depth (drop connect) is left
+    out, because it is traced as random ops that ORT's eval graph would keep; ORT devices train without it.
+    """
+    model = trainer.model
+    size = trainer.spec.image_size
+    logits_of = trainer._logits_of
+    for module in model.modules():
+        params = getattr(module, "_global_params", None)
+        if params is not None and getattr(params, "drop_connect_rate", None):
+            module._global_params = params._replace(drop_connect_rate=None)
+
+    class PixelLogits(nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixels: Any) -> Any:
+            images = pixels.permute(0, 3, 1, 2) / 255.0
+            images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+            return logits_of(self.inner(inputs=(images - 0.5) / 0.5))
+
+    trainer._set_train_mode(True)  # BatchNorm frozen (eval) where the spec says so, like a torch round
+    dummy = (torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(0)) * 255.0,)
+    axes = {PIXELS_INPUT: {0: "batch", 1: "height", 2: "width"}, "logits": {0: "batch"}}
+    return PixelLogits(model), dummy, (PIXELS_INPUT,), axes, torch.onnx.TrainingMode.PRESERVE
 
 
 def _jsonable(value: Any) -> bool:

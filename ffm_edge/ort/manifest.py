@@ -18,9 +18,21 @@ from typing import Any
 
 from ffm_edge.errors import OrtArtifactError
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "ArtifactManifest", "TensorInfo", "file_sha256", "load_manifest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "PIXELS_INPUT",
+    "ArtifactManifest",
+    "TensorInfo",
+    "file_sha256",
+    "load_manifest",
+]
 
 MANIFEST_NAME = "ffm-ort.json"
+#: The one input of an image model's graph: float32 pixels (N, H, W, 3) in 0..255, any H and W; the graph
+#: resizes and normalizes them as the torch path does, so a device needs no image library. Text graphs take
+#: token ids instead (``input_ids``, ``attention_mask``, ...), so ``inputs`` tells the two apart.
+PIXELS_INPUT = "pixels"
 FORMAT_VERSION = 1
 
 

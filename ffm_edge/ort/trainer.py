@@ -24,7 +24,7 @@ from ffm_edge.data import LabeledData, TaskInfo
 from ffm_edge.errors import ConfigError, OrtArtifactError, OrtUnavailableError
 from ffm_edge.metrics import compute_metrics
 from ffm_edge.ort.compat import load_training_api
-from ffm_edge.ort.manifest import ArtifactManifest, load_manifest
+from ffm_edge.ort.manifest import PIXELS_INPUT, ArtifactManifest, load_manifest
 from ffm_edge.runtime import ProgressCallback, TrainReport
 from ffm_edge.spec import ModelSpec
 
@@ -116,8 +116,10 @@ class OrtTrainer:
         self.manifest = load_manifest(self.folder, verify=verify)
         spec_name = spec if isinstance(spec, str) or spec is None else spec.name
         self.manifest.check(spec=spec_name, strategy=strategy, num_labels=task.num_labels)
-        if task.modality != "text":
-            raise ConfigError(f"the ORT runtime trains text models; task {task.name} is {task.modality}")
+        self._pixels = PIXELS_INPUT in self.manifest.inputs  # an image model's graph takes raw pixels
+        if task.modality != ("image" if self._pixels else "text"):
+            built = "an image" if self._pixels else "a text"
+            raise ConfigError(f"these ORT artifacts are for {built} model; task {task.name} is {task.modality}")
         self.task = task
         self.strategy = OrtStrategy(self.manifest.strategy, dict(self.manifest.strategy_config))
         self.seed = seed
@@ -155,7 +157,7 @@ class OrtTrainer:
             parameter = params[name]
             if not parameter.requires_grad or tuple(parameter.data.shape) != shape:
                 raise OrtArtifactError(f"checkpoint tensor {name} does not match the manifest (shape or trainable)")
-        self._tokenize = _Tokenizer(self.folder, self.manifest)
+        self._tokenize = None if self._pixels else _Tokenizer(self.folder, self.manifest)
         self._train_inputs = list(self._module.input_names())
         self._module.eval()
         self._eval_inputs = list(self._module.input_names())
@@ -193,9 +195,12 @@ class OrtTrainer:
 
     # -- training ---------------------------------------------------------------------------------------
     def _feeds(self, data: LabeledData, index: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        if not isinstance(data.inputs, list):
-            raise ConfigError("the ORT runtime trains on text pairs")
-        encoded = self._tokenize([data.inputs[i] for i in index])
+        if self._tokenize is None:  # uint8 (N, H, W, 3); the graph resizes and normalizes
+            encoded = {PIXELS_INPUT: np.ascontiguousarray(data.images[index], dtype=np.float32)}
+        elif isinstance(data.inputs, list):
+            encoded = self._tokenize([data.inputs[i] for i in index])
+        else:
+            raise ConfigError("these ORT artifacts are for a text model; the data are not text pairs")
         labels = np.asarray(data.labels)[index]
         if self.task.num_labels == 1:
             encoded["labels"] = labels.astype(np.float32).reshape(-1, 1)
@@ -204,7 +209,7 @@ class OrtTrainer:
         feeds = []
         for name in names:
             if name not in encoded:
-                raise OrtArtifactError(f"the ORT graph wants an input {name!r} the tokenizer does not make")
+                raise OrtArtifactError(f"the ORT graph wants an input {name!r} this runtime does not make")
             feeds.append(encoded[name])
         return feeds
 
