@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -107,10 +108,12 @@ def run_federations(args: argparse.Namespace, workdir: Path) -> list[dict[str, A
     """``ffm-hub demo`` once per codec (fp32 ``--fp32-repeats`` times) with the same data and seeds."""
     from ffm_hub.demo import DemoOptions, run_demo
 
-    plan = [("fp32", i) for i in range(args.fp32_repeats)] + [(c, 0) for c in CODECS if c != "fp32"]
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    plan = [(codec, seed, 0) for seed in seeds for codec in CODECS]
+    plan += [("fp32", seeds[0], repeat) for repeat in range(1, args.fp32_repeats)]  # same seed: determinism
     runs = []
-    for codec, repeat in plan:
-        print(f"\n== demo with --downlink-codec {codec} (run {repeat + 1}) ==", file=sys.stderr, flush=True)
+    for codec, seed, repeat in plan:
+        print(f"\n== demo, --downlink-codec {codec} --seed {seed} (run {repeat + 1}) ==", file=sys.stderr, flush=True)
         started = time.monotonic()
         rows = run_demo(
             DemoOptions(
@@ -118,7 +121,8 @@ def run_federations(args: argparse.Namespace, workdir: Path) -> list[dict[str, A
                 rounds=args.rounds,
                 data_dir=args.data_dir,
                 downlink_codec=codec,
-                workdir=workdir / f"{codec}-{repeat}",
+                seed=seed,
+                workdir=workdir / f"{codec}-{seed}-{repeat}",
                 progress=False,
             )
         )
@@ -126,6 +130,7 @@ def run_federations(args: argparse.Namespace, workdir: Path) -> list[dict[str, A
         runs.append(
             {
                 "codec": codec,
+                "seed": seed,
                 "repeat": repeat,
                 "metric": rows[0].metric,
                 "values": [r.value for r in rows],
@@ -140,8 +145,14 @@ def run_federations(args: argparse.Namespace, workdir: Path) -> list[dict[str, A
     return runs
 
 
+def _name(run: Mapping[str, Any]) -> str:
+    repeat = f", run {run['repeat'] + 1}" if run.get("repeat") else ""
+    return f"{run['codec']}, seed {run.get('seed', 0)}{repeat}"
+
+
 def plot(runs: Sequence[Mapping[str, Any]], path: Path) -> str | None:
-    """Accuracy per global version, one line per run; returns why not when matplotlib is missing."""
+    """Accuracy per global version, one line per run (colour: codec, marker: seed); returns why not when
+    matplotlib is missing."""
     try:
         import matplotlib
 
@@ -149,22 +160,62 @@ def plot(runs: Sequence[Mapping[str, Any]], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"matplotlib missing: {exc}"
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red"}
     styles = {"fp32": "-", "fp16": "--", "int8": ":"}
+    markers = "osD^v"
+    seeds = sorted({run.get("seed", 0) for run in runs})
     for run in runs:
-        label = f"{run['codec']} ({run['bytes_down_per_client_round'] / 1e3:,.0f} kB down per client-round)"
-        if run["codec"] == "fp32":
-            label = f"fp32 run {run['repeat'] + 1} " + label[5:]
-        ax.plot(range(len(run["values"])), run["values"], styles[run["codec"]], marker="o", label=label)
+        if run.get("repeat"):
+            continue  # an identical repeat would only hide under its first run
+        kb = run["bytes_down_per_client_round"] / 1e3
+        ax.plot(
+            range(len(run["values"])),
+            run["values"],
+            styles[run["codec"]],
+            color=colours[run["codec"]],
+            marker=markers[seeds.index(run.get("seed", 0)) % len(markers)],
+            label=f"{_name(run)} ({kb:,.0f} kB down per client-round)",
+        )
     ax.set_xlabel("global version")
     ax.set_ylabel(runs[0]["metric"])
     ax.set_title("ffm-hub demo: accuracy per version by downlink codec")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def paired_differences(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Final and mean-over-rounds metric of each codec minus fp32's at the same seed, and fp32's own spread
+    between seeds (the change any perturbation of the training trajectory makes)."""
+    first = {(r["codec"], r.get("seed", 0)): r for r in runs if not r.get("repeat")}
+    fp32 = {seed: run for (codec, seed), run in first.items() if codec == "fp32"}
+
+    def final(run: Mapping[str, Any]) -> float:
+        return float(run["values"][-1])
+
+    def mean_rounds(run: Mapping[str, Any]) -> float:
+        return float(np.mean(run["values"][1:]))
+
+    out: dict[str, Any] = {}
+    for codec in CODECS[1:]:
+        pairs = [(first[(codec, seed)], base) for seed, base in sorted(fp32.items()) if (codec, seed) in first]
+        out[codec] = {
+            "seeds": [base.get("seed", 0) for _, base in pairs],
+            "final_minus_fp32": [final(a) - final(b) for a, b in pairs],
+            "mean_minus_fp32": [mean_rounds(a) - mean_rounds(b) for a, b in pairs],
+        }
+    ordered = [fp32[seed] for seed in sorted(fp32)]
+    out["fp32_seed_spread"] = {
+        "final": [final(b) - final(a) for a, b in itertools.pairwise(ordered)],
+        "mean": [mean_rounds(b) - mean_rounds(a) for a, b in itertools.pairwise(ordered)],
+    }
+    repeats = [r for r in runs if r.get("repeat") and r.get("seed", 0) in fp32]
+    out["fp32_repeat_identical"] = [r["values"] == fp32[r.get("seed", 0)]["values"] for r in repeats]
+    return out
 
 
 def render_markdown(result: Mapping[str, Any]) -> str:
@@ -199,8 +250,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines += [
             f"## Federations: `ffm-hub demo`, {result['demo']['clients']} clients, {result['demo']['rounds']} rounds",
             "",
-            f"Data: {result['demo']['data']}. Same shards, seeds and broker for every run; {metric} of each "
-            "global version on the held-out data (version 0 = before training).",
+            f"Data: {result['demo']['data']}. Same shards and broker for every run; the seed is the clients' "
+            f"training seed (`ffm-hub demo --seed`). {metric} of each global version on the held-out data "
+            "(version 0 = before training).",
             "",
             "| run | " + " | ".join(f"v{v}" for v in range(versions)) + " | bytes down per client-round | "
             "vs fp32 | wall s |",
@@ -208,18 +260,32 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         ]
         base = runs[0]["bytes_down_per_client_round"]
         for run in runs:
-            name = run["codec"] + (f" (run {run['repeat'] + 1})" if run["codec"] == "fp32" else "")
             cells = " | ".join("n/a" if v is None else f"{v:.4f}" for v in run["values"])
             lines.append(
-                f"| {name} | {cells} | {run['bytes_down_per_client_round']:,.0f} | "
+                f"| {_name(run)} | {cells} | {run['bytes_down_per_client_round']:,.0f} | "
                 f"{run['bytes_down_per_client_round'] / base:.3f} | {run['wall_s']:.0f} |"
             )
-        finals = {f"{r['codec']}-{r['repeat']}": r["values"][-1] for r in runs}
-        lines += [
-            "",
-            "Final " + metric + ": " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items() if v is not None) + ".",
-            "",
-        ]
+        diffs = result.get("paired") or paired_differences(runs)
+        lines += ["", f"Paired by seed, {metric} points (codec minus fp32 at the same seed):", ""]
+        for codec in CODECS[1:]:
+            d = diffs[codec]
+            finals = ", ".join(f"{100 * x:+.1f}" for x in d["final_minus_fp32"])
+            means = ", ".join(f"{100 * x:+.1f}" for x in d["mean_minus_fp32"])
+            lines.append(f"- {codec}: final version {finals}; mean over versions 1-{versions - 1} {means}.")
+        spread = diffs["fp32_seed_spread"]
+        lines.append(
+            "- for scale, fp32 at one seed minus fp32 at the other: final "
+            + ", ".join(f"{100 * x:+.1f}" for x in spread["final"])
+            + "; mean over versions "
+            + ", ".join(f"{100 * x:+.1f}" for x in spread["mean"])
+            + "."
+        )
+        if diffs["fp32_repeat_identical"]:
+            same = all(diffs["fp32_repeat_identical"])
+            lines.append(
+                f"- fp32 repeated at the same seed gave {'identical' if same else '**different**'} accuracies."
+            )
+        lines.append("")
         if result.get("plot"):
             lines += [f"![accuracy per version]({result['plot']})", ""]
     return "\n".join(lines)
@@ -239,7 +305,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true", help="also run `ffm-hub demo` once per codec (minutes each)")
     parser.add_argument("--rounds", type=positive_int, default=5, help="demo rounds (default 5)")
     parser.add_argument("--clients", type=positive_int, default=3, help="demo clients (default 3)")
-    parser.add_argument("--fp32-repeats", type=positive_int, default=2, help="fp32 demo runs (default 2)")
+    parser.add_argument("--seeds", default="0,1", help="demo training seeds, each run with every codec (default 0,1)")
+    parser.add_argument(
+        "--fp32-repeats", type=positive_int, default=2, help="fp32 runs at the first seed, to check determinism"
+    )
     parser.add_argument("--data-dir", default=os.environ.get("FFM_DATA_DIR"), help="demo data (default $FFM_DATA_DIR)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where downlink.json/.md/.png go")
     return parser.parse_args(argv)
@@ -280,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = run_federations(args, Path(tmp))
         result["demo"] = {"task": task, "model": model, "data": why, "clients": args.clients, "rounds": args.rounds}
         result["federations"] = runs
+        result["paired"] = paired_differences(runs)
         problem = plot(runs, args.out_dir / "downlink.png")
         result["plot"] = "downlink.png" if problem is None else None
         if problem:

@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"), help="update encoding")
     demo.add_argument("--downlink-codec", default="fp32", choices=("fp32", "fp16", "int8"),
                       help="encoding of the global versions the clients pull (the hub keeps fp32)")  # fmt: skip
+    demo.add_argument("--seed", type=int, default=0,
+                      help="training seed: client i trains with SEED + i (the data shards stay the same)")  # fmt: skip
     demo.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                       help="a strategy setting passed to every torch client (repeatable; see `ffm-edge "
                       "strategies`), e.g. lora's r=16")  # fmt: skip
@@ -473,6 +475,7 @@ def _demo(args: argparse.Namespace) -> int:
             codec=args.codec,
             downlink_codec=args.downlink_codec,
             strategy_options=tuple(args.strategy_option),
+            seed=args.seed,
             eval_limit=args.eval_limit,
             broker_kind=args.broker_kind,
             workdir=args.workdir,

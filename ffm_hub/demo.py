@@ -46,6 +46,7 @@ class DemoOptions:
     codec: str = "int8"
     downlink_codec: str = "fp32"  # what the clients pull; the hub keeps fp32
     strategy_options: tuple[str, ...] = ()  # KEY=VALUE strategy settings for every torch client
+    seed: int = 0  # training seed: client i trains with seed + i (the data shards do not change)
     eval_limit: int = 500
     broker_kind: str = "auto"
     workdir: Path | None = None
@@ -280,6 +281,7 @@ def run_demo(opts: DemoOptions) -> list[DemoRow]:
                 "--model", model, "--task", task, "--shard", f"{i}/{opts.clients}", "--samples", str(opts.samples),
                 "--alpha", str(opts.alpha), "--rounds", str(opts.rounds), "--epochs", str(opts.epochs),
                 "--codec", opts.codec, "--state-dir", str(workdir / f"edge-{i}"), "--no-progress",
+                "--seed", str(opts.seed),
                 "--strategy", assignments[i][0],
             ]  # fmt: skip
             budget = assignments[i][1]
