@@ -6,25 +6,17 @@ entry must say plainly that it is missing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bandwidth.py"
+from bench_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bandwidth() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ffm_benchmark_bandwidth", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bandwidth")
 
 
 @pytest.mark.parametrize("payload_size", [0, 1, 100, 16_000, 16_400, 65_536, 65_900, 2_100_000])

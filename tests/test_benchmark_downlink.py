@@ -3,25 +3,16 @@ trains MiniLM and runs the demo per codec; see benchmarks/results/downlink.md)."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "downlink.py"
+from bench_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def downlink() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ffm_benchmark_downlink", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)  # also checks that a script loaded by path finds benchmarks/_common.py
-    return module
+    return load_benchmark("downlink")
 
 
 def test_frames_shrink_with_the_codec_and_only_lossy_codecs_err(downlink: ModuleType) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import mmap
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_helpers import load_benchmark
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 MiB = 1024 * 1024
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
@@ -18,12 +16,7 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 
 @pytest.fixture(scope="module")
 def memory_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ffm_benchmark_memory", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory")
 
 
 def test_read_status_bytes_parses_kb_fields(memory_bench: ModuleType, tmp_path: Path) -> None:

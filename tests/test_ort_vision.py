@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,6 +102,21 @@ def test_the_planner_offers_the_ort_runtime_for_an_image_model() -> None:
     assert plan.choice is not None and plan.choice.runtime == "ort" and plan.choice.strategy in ("lora", "head")
 
 
+def _run_without_torch(script: str, argv: list[str], tmp_path: Path) -> dict[str, Any]:
+    """Run a device script in a process where ``import torch`` fails; return its ``RESULT`` line's JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        env=device_env(tmp_path, block_torch=True),
+        timeout=400,
+        cwd=tmp_path,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return dict(json.loads(lines[-1][len("RESULT ") :]))
+
+
 _DEVICE = """
 import json, sys
 import numpy as np
@@ -116,17 +132,7 @@ print("RESULT " + json.dumps({"before": before, "after": trainer.loss(data),
 
 
 def test_a_device_without_torch_trains_from_image_artifacts(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _DEVICE, str(artifacts["lora"])],
-        capture_output=True,
-        text=True,
-        env=device_env(tmp_path, block_torch=True),
-        timeout=300,
-        cwd=tmp_path,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = _run_without_torch(_DEVICE, [str(artifacts["lora"])], tmp_path)
     assert result["torch"] is False and result["after"] < result["before"]
 
 
@@ -176,17 +182,7 @@ def test_a_camera_without_torch_fetches_image_artifacts_from_the_hub_and_federat
     )
     hub.start()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _FETCHING_DEVICE, mqtt_broker.url, str(tmp_path / "cam"), federation],
-            capture_output=True,
-            text=True,
-            env=device_env(tmp_path, block_torch=True),
-            timeout=400,
-            cwd=tmp_path,
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-        result = json.loads(lines[-1][len("RESULT ") :])
+        result = _run_without_torch(_FETCHING_DEVICE, [mqtt_broker.url, str(tmp_path / "cam"), federation], tmp_path)
         assert hub.wait_for_version(1, timeout=60) and hub.wait_idle(30)
         assert result["torch"] is False and result["runtime"] == "ort" and service.builds == 1
         _, before = decode_global(store.load_version(0))
