@@ -251,7 +251,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             f"## Federations: `ffm-hub demo`, {result['demo']['clients']} clients, {result['demo']['rounds']} rounds",
             "",
             f"Data: {result['demo']['data']}. Same shards and broker for every run; the seed is the clients' "
-            f"training seed (`ffm-hub demo --seed`). {metric} of each global version on the held-out data "
+            f"training seed (`ffm-hub demo --seed`). {metric.capitalize()} of each global version on the held-out data "
             "(version 0 = before training).",
             "",
             "| run | " + " | ".join(f"v{v}" for v in range(versions)) + " | bytes down per client-round | "
