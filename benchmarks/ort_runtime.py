@@ -4,7 +4,7 @@ For each strategy (lora, prompt, head) on all-MiniLM-L6-v2, the parent process (
 ONNX Runtime training artifacts once (``ffm_edge.ort.build_artifacts``, dropout as in torch training),
 then runs two **fresh subprocesses** on the same built sentences (they fill the sequence length):
 
-* ``ort``: torch is blocked (``sys.modules["torch"] = None``: any ``import torch`` fails), the device
+* ``ort``: torch is blocked (a meta-path finder makes any ``import torch`` fail), the device
   loads the artifacts with ``OrtTrainer`` and trains;
 * ``torch``: the device imports torch and trains with ``TorchTrainer`` (the same model and strategy).
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib.abc
 import json
 import os
 import platform
@@ -98,9 +99,19 @@ def _data(model: str, n: int) -> tuple[Any, Any]:
 
 
 # -- children -------------------------------------------------------------------------------------------
+class _NoTorch(importlib.abc.MetaPathFinder):
+    """Makes every ``import torch`` fail, as on a device without it. (Not ``sys.modules["torch"] = None``:
+    scipy, which loading the digits imports, looks ``torch`` up in ``sys.modules`` and breaks on None.)"""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this process ({name})")
+        return None
+
+
 def _child(args: argparse.Namespace) -> dict[str, Any]:
     if args.child == "ort":
-        sys.modules["torch"] = None  # type: ignore[assignment]  # any import of torch now fails
+        sys.meta_path.insert(0, _NoTorch())
     sys.path.insert(0, str(REPO_ROOT))
     bare = _status_bytes("VmRSS")
     n = args.batch_size * (args.steps + 1)
