@@ -15,7 +15,8 @@ Parts:
 - ``activations``: what backpropagation keeps per token and layer, scaled by the spec's
   ``activation_factor``; gradient checkpointing keeps only each layer's input plus one layer's full
   activations; micro-batching divides by the number of micro-batches; a frozen backbone (head only)
-  keeps none.
+  keeps none. An image model's activations are per input pixel per example instead (a CNN's feature
+  maps; :data:`IMAGE_ACTIVATION_BYTES_PER_PIXEL`).
 - ``load``: the peak while loading. Checkpoints are memory-mapped, so an fp32 base costs little until the
   first forward pass; a base read from the cached quantized checkpoint is partly resident; one quantized
   on the fly needs the whole fp32 model first.
