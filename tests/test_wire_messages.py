@@ -114,6 +114,7 @@ def test_rejection_reasons_are_the_documented_set() -> None:
         "bad_signature",
         "replayed",
         "stale_timestamp",
+        "budget_exhausted",
     }
     for reason in REJECTION_REASONS:
         assert decode_message(encode_message(Rejection("u", reason, ""))).reason == reason  # type: ignore[union-attr]
