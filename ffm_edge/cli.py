@@ -442,20 +442,11 @@ def _strategy_for_run(args: argparse.Namespace) -> Strategy | str:
             "--strategy-option configures a torch strategy, but on the ORT runtime the artifacts fix the strategy "
             "and its config (ffm-edge ort-build); pass --runtime torch, or drop the options"
         )
-    options: dict[str, str] = {}
-    for item in args.strategy_option:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--strategy-option takes KEY=VALUE, like top_k=0.01; got {item!r}")
-        if key in options:
-            raise ConfigError(f"--strategy-option {key} is given twice ({options[key]!r} and {value!r})")
-        options[key] = value
     try:
-        from ffm_edge.strategies import strategy_from_options
+        from ffm_edge.strategies import parse_strategy_options, strategy_from_options
     except ImportError as exc:
         raise ConfigError(f"--strategy-option needs PyTorch, which is not usable here: {exc}") from exc
-    return strategy_from_options(args.strategy, options)
+    return strategy_from_options(args.strategy, parse_strategy_options(args.strategy_option))
 
 
 def _strategies(args: argparse.Namespace) -> int:

@@ -142,9 +142,9 @@ def _check_strategy_options(options: tuple[str, ...], strategies: set[str]) -> N
         return
     if "auto" in strategies:
         raise FFMError("--strategy-option sets a named strategy; give each client one with --client-strategies")
-    from ffm_edge.strategies import strategy_from_options
+    from ffm_edge.strategies import parse_strategy_options, strategy_from_options
 
-    parsed = dict(option.partition("=")[::2] for option in options)
+    parsed = parse_strategy_options(options)  # as each `ffm-edge run` will parse them
     for name in sorted(strategies):
         strategy_from_options(name, parsed)  # ConfigError: unknown key or bad value for this strategy
 

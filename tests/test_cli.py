@@ -78,3 +78,5 @@ def test_demo_checks_strategy_options_before_starting_anything() -> None:
         _check_strategy_options(("rr=4",), {"lora"})
     with pytest.raises(ConfigError, match="'prompt' has no option 'r'"):
         _check_strategy_options(("r=4",), {"lora", "prompt"})
+    with pytest.raises(ConfigError, match="r is given twice"):  # refused here as each edge would refuse it
+        _check_strategy_options(("r=4", "r=8"), {"lora"})

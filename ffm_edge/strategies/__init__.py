@@ -20,6 +20,7 @@ from ffm_edge.strategies.lora import LoraConfig, LoraStrategy
 from ffm_edge.strategies.options import (
     OptionField,
     format_strategy_options,
+    parse_strategy_options,
     strategy_from_options,
     strategy_option_fields,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "format_strategy_options",
     "get_strategy",
     "head_module_names",
+    "parse_strategy_options",
     "register_strategy",
     "strategies_by_capability",
     "strategy_from_options",

@@ -18,13 +18,19 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ffm_edge.errors import ConfigError
 from ffm_edge.strategies.base import STRATEGIES, Strategy, StrategyConfig
 
-__all__ = ["OptionField", "format_strategy_options", "strategy_from_options", "strategy_option_fields"]
+__all__ = [
+    "OptionField",
+    "format_strategy_options",
+    "parse_strategy_options",
+    "strategy_from_options",
+    "strategy_option_fields",
+]
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -150,6 +156,21 @@ def _expected(tp: Any) -> str:
 
 def _describe(fields: list[OptionField]) -> str:
     return "; ".join(f"{f.name} ({f.type_name}, default {f.default_text}): {f.help}" for f in fields)
+
+
+def parse_strategy_options(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` texts (``--strategy-option``, repeatable) as field name → text, for
+    :func:`strategy_from_options`. ``ConfigError`` for an item without ``=`` or a key, or a key given twice."""
+    options: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--strategy-option takes KEY=VALUE, like top_k=0.01; got {item!r}")
+        if key in options:
+            raise ConfigError(f"--strategy-option {key} is given twice ({options[key]!r} and {value!r})")
+        options[key] = value
+    return options
 
 
 def strategy_from_options(name: str, options: Mapping[str, str]) -> Strategy:
