@@ -7,15 +7,18 @@ does that for ``python benchmarks/x.py``; a test that loads a script by path doe
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["median_seconds", "package_version", "positive_int", "sentiment_sentences"]
+__all__ = ["median_seconds", "package_version", "positive_int", "sentiment_sentences", "write_results"]
 
 _POSITIVE = ("wonderful", "moving", "brilliant", "delightful", "superb", "charming", "gripping", "beautiful")
 _NEGATIVE = ("dull", "lifeless", "tedious", "clumsy", "awful", "boring", "silly", "painful")
@@ -60,3 +63,12 @@ def package_version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def write_results(out_dir: Path, name: str, result: Any, markdown: str) -> None:
+    """``OUT_DIR/NAME.json`` (every figure) and ``NAME.md`` (the readable table), and the table on stdout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out_dir / f"{name}.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"wrote {out_dir / (name + '.json')} and {out_dir / (name + '.md')}", file=sys.stderr)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
-import json
 import os
 import platform
 import sys
@@ -45,7 +44,7 @@ import numpy as np
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:  # run as a script it is; loaded by path (as tests do) it is not
     sys.path.insert(0, str(BENCH_DIR))
-from _common import median_seconds, package_version, positive_int, sentiment_sentences  # noqa: E402
+from _common import median_seconds, package_version, positive_int, sentiment_sentences, write_results  # noqa: E402
 
 RESULTS_DIR = BENCH_DIR / "results"
 CODECS = ("fp32", "fp16", "int8")
@@ -355,10 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(problem, file=sys.stderr)
     result["total_seconds"] = time.perf_counter() - started
-    (args.out_dir / "downlink.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.out_dir / "downlink.md").write_text(render_markdown(result), encoding="utf-8")
-    print(render_markdown(result))
-    print(f"wrote {args.out_dir / 'downlink.json'} and {args.out_dir / 'downlink.md'}", file=sys.stderr)
+    write_results(args.out_dir, "downlink", result, render_markdown(result))
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:  # run as a script it is; loaded by path (as tests do) it is not
     sys.path.insert(0, str(BENCH_DIR))
-from _common import median_seconds, positive_int, sentiment_sentences  # noqa: E402
+from _common import median_seconds, positive_int, sentiment_sentences, write_results  # noqa: E402
 
 RESULTS_DIR = BENCH_DIR / "results"
 TOP_KS = (1.0, 0.1, 0.01)
@@ -194,11 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows,
         "total_seconds": time.perf_counter() - started,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "sparse_updates.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.out_dir / "sparse_updates.md").write_text(render_markdown(result), encoding="utf-8")
-    print(render_markdown(result))
-    print(f"wrote {args.out_dir / 'sparse_updates.json'} and {args.out_dir / 'sparse_updates.md'}", file=sys.stderr)
+    write_results(args.out_dir, "sparse_updates", result, render_markdown(result))
     return 0
 
 

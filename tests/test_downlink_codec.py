@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from wire_device import FED, Device
+from wire_device import FED, Device, start_hub
 
 from ffm_edge.client import EdgeClient
 from ffm_edge.data import LabeledData, get_task
@@ -78,17 +78,9 @@ def _assert_within_rounding(pulled: dict[str, np.ndarray], exact: dict[str, np.n
 def hub_on(tmp_path: Path) -> Iterator[Callable[..., tuple[Hub, SqliteStore]]]:
     started: list[tuple[Hub, SqliteStore, Transport]] = []
 
-    def start(transport: Transport, codec: str, **kwargs: object) -> tuple[Hub, SqliteStore]:
-        transport.connect()
+    def start(transport: Transport, codec: str) -> tuple[Hub, SqliteStore]:
         store = SqliteStore(tmp_path / "store")
-        hub = Hub(
-            HubSettings(federation=FED, tau=1, downlink_codec=codec),
-            transport,
-            store,
-            initial_state=lambda: STATE,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        hub.start()
+        hub = start_hub(transport, store, HubSettings(federation=FED, tau=1, downlink_codec=codec), STATE)
         started.append((hub, store, transport))
         return hub, store
 
@@ -140,11 +132,9 @@ def test_devices_pull_the_codec_and_the_hub_keeps_fp32(
 def test_a_restarted_hub_resumes_the_exact_state_not_the_rounded_one(tmp_path: Path) -> None:
     broker = InMemoryBroker()
     transport = InMemoryTransport(broker, "hub")
-    transport.connect()
     settings = HubSettings(federation=FED, tau=1, downlink_codec="int8")
     store = SqliteStore(tmp_path / "store")
-    hub = Hub(settings, transport, store, initial_state=lambda: STATE)
-    hub.start()
+    hub = start_hub(transport, store, settings, STATE)
     device = Device(broker, "d1")
     device.send_update({k: np.full_like(v, 0.25) for k, v in STATE.items()})
     device.next(Receipt)
@@ -153,8 +143,7 @@ def test_a_restarted_hub_resumes_the_exact_state_not_the_rounded_one(tmp_path: P
     hub.stop()  # as after a kill -9: nothing but the store survives
     store.close()
     store = SqliteStore(tmp_path / "store")
-    hub = Hub(settings, transport, store, initial_state=lambda: ZERO_DELTA)
-    hub.start()
+    hub = start_hub(transport, store, settings, ZERO_DELTA)
     try:
         assert hub.current_version == 1
         for name, value in exact.items():
@@ -180,12 +169,9 @@ def test_codec_choice_falls_back_to_fp32_when_the_codec_cannot_hold_the_state() 
 
 def test_a_version_beyond_fp16_is_served_fp32_not_as_inf(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     broker = InMemoryBroker()
-    transport = InMemoryTransport(broker, "hub")
-    transport.connect()
     store = SqliteStore(tmp_path / "store")
     big = {"w": np.array([[1.0, -1e5], [0.5, 3.0]], np.float32)}
-    hub = Hub(HubSettings(federation=FED, downlink_codec="fp16"), transport, store, initial_state=lambda: big)
-    hub.start()
+    hub = start_hub(InMemoryTransport(broker, "hub"), store, HubSettings(federation=FED, downlink_codec="fp16"), big)
     try:
         meta, pulled = decode_global(_pull(Device(broker, "d1"), "pull-big"))
         assert meta.codec == "fp32"
@@ -198,20 +184,17 @@ def test_a_version_beyond_fp16_is_served_fp32_not_as_inf(tmp_path: Path, caplog:
 
 def test_strategy_pulls_and_signed_frames_use_the_codec(tmp_path: Path) -> None:
     broker = InMemoryBroker()
-    transport = InMemoryTransport(broker, "hub")
-    transport.connect()
     store = SqliteStore(tmp_path / "store")
     hub_key = Ed25519PrivateKey.generate()
     union = {**STATE, "prompt": RNG.normal(0, 0.1, (16, 64)).astype(np.float32)}
-    hub = Hub(
-        HubSettings(federation=FED, downlink_codec="int8"),
-        transport,
+    hub = start_hub(
+        InMemoryTransport(broker, "hub"),
         store,
-        initial_state=lambda: union,
+        HubSettings(federation=FED, downlink_codec="int8"),
+        union,
         strategy_tensors={"lora": ["lora_A", "head"], "prompt": ["prompt", "head"]},
         security=HubSecurity(hub_key=hub_key),
     )
-    hub.start()
     try:
         device = Device(broker, "d1")
         for strategy, names in (("prompt", {"prompt", "head"}), ("lora", {"lora_A", "head"}), (None, set(union))):

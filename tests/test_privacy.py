@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from wire_device import FED, Device
+from wire_device import FED, Device, start_hub
 
 from ffm_edge.errors import ConfigError
 from ffm_edge.transport import InMemoryBroker, InMemoryTransport, MqttTransport, Transport
@@ -67,10 +67,7 @@ def _dp_settings(**kwargs: object) -> HubSettings:
 
 
 def _hub(store: SqliteStore, settings: HubSettings, transport: Transport) -> Hub:
-    transport.connect()
-    hub = Hub(settings, transport, store, initial_state=lambda: STATE)
-    hub.start()
-    return hub
+    return start_hub(transport, store, settings, STATE)
 
 
 def test_every_dp_version_records_the_privacy_spent_so_far(tmp_path: Path) -> None:

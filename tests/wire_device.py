@@ -7,8 +7,9 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,15 +32,27 @@ FED = "fed"
 STATE = {"lora_A": np.zeros((2, 3), np.float32), "head": np.ones(2, np.float32)}
 
 
+def start_hub(
+    transport: Transport,
+    store: SqliteStore,
+    settings: HubSettings,
+    initial: Mapping[str, np.ndarray] = STATE,
+    **kwargs: Any,
+) -> Hub:
+    """A started Hub on ``transport`` (connected here) and ``store``, whose version 0 is ``initial``;
+    ``kwargs`` go to :class:`Hub` (strategy_tensors, security, ...). The caller stops it."""
+    transport.connect()
+    hub = Hub(settings, transport, store, initial_state=lambda: initial, **kwargs)
+    hub.start()
+    return hub
+
+
 @contextlib.contextmanager
 def memory_hub(store_dir: Path, tau: int = 2) -> Iterator[tuple[InMemoryBroker, Hub]]:
     """A hub on STATE over a fresh in-memory broker, its SQLite store in ``store_dir``."""
     broker = InMemoryBroker()
-    transport = InMemoryTransport(broker, "hub")
-    transport.connect()
     store = SqliteStore(store_dir)
-    hub = Hub(HubSettings(federation=FED, tau=tau), transport, store, initial_state=lambda: STATE)
-    hub.start()
+    hub = start_hub(InMemoryTransport(broker, "hub"), store, HubSettings(federation=FED, tau=tau))
     try:
         yield broker, hub
     finally:
