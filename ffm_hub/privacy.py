@@ -26,9 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from scipy.optimize import brentq
-from scipy.special import log_ndtr, ndtr
-
 __all__ = ["compose_mu", "gdp_delta", "gdp_epsilon", "round_mu"]
 
 
@@ -51,6 +48,8 @@ def gdp_delta(mu: float, epsilon: float) -> float:
     """The smallest δ for which a ``μ``-GDP mechanism is ``(ε, δ)``-DP."""
     if mu <= 0:
         return 0.0
+    from scipy.special import log_ndtr, ndtr  # here, not at import: only a dp_fedavg hub pays for scipy
+
     # e^ε Φ(b) in log space: Φ(b) underflows long before e^ε overflows matters.
     tail = math.exp(epsilon + float(log_ndtr(-epsilon / mu - mu / 2)))
     return max(0.0, float(ndtr(-epsilon / mu + mu / 2)) - tail)
@@ -64,6 +63,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
         return math.inf
     if mu <= 0 or gdp_delta(mu, 0.0) <= delta:
         return 0.0
+    from scipy.optimize import brentq
+
     high = max(1.0, mu * mu)
     while gdp_delta(mu, high) > delta:  # δ(ε) decreases in ε: bracket the root
         high *= 2
